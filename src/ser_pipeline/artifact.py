@@ -1,0 +1,144 @@
+"""The model directory: everything inference needs, safe to load.
+
+Layout (fixed file names; nothing else is read)::
+
+    model.yaml                  architecture name + kwargs, feature config, labels, ...
+    weights.safetensors         the network's state dict
+    preprocessing.safetensors   feature normalisation statistics (training split only)
+
+Loading never unpickles: YAML is read with ``safe_load``, tensors with
+safetensors, and the network is rebuilt by our own code from an allow-list of
+architectures, so a planted pickle or an unknown class name is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ser_pipeline.data import FeatureStats
+from ser_pipeline.features import build_features
+
+FORMAT_VERSION = 1
+SPEC_FILE = "model.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+STATS_FILE = "preprocessing.safetensors"
+
+
+class UnsafeArtifactError(ValueError):
+    """A model directory that is not what we wrote: refused instead of loaded."""
+
+
+@dataclass
+class ModelSpec:
+    """What ``model.yaml`` holds."""
+
+    architecture: str
+    kwargs: dict[str, Any]
+    features: dict[str, Any]
+    classes: list[str]
+    genders: list[str]
+    dimensions: list[str]
+    has_gender: bool
+    has_dimensions: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.features["sample_rate"])
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    net: nn.Module
+    extractor: nn.Module
+    stats: FeatureStats
+
+
+def _architectures() -> dict[str, type[nn.Module]]:
+    from ser_pipeline.models import MODELS
+
+    return {cls.__name__: cls for cls in MODELS.values()}
+
+
+def save_model_dir(
+    directory: str | Path, net: nn.Module, kwargs: dict[str, Any], spec_fields: dict[str, Any],
+    stats: FeatureStats,
+) -> Path:
+    """Write a model directory; ``spec_fields`` are the remaining :class:`ModelSpec` fields."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    architecture = type(net).__name__
+    if architecture not in _architectures():
+        raise ValueError(f"{architecture} is not a registered ser_pipeline model")
+    spec = {"format_version": FORMAT_VERSION, "architecture": architecture,
+            "kwargs": kwargs, **spec_fields}
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE)
+    save_file({k: v.contiguous() for k, v in stats.to_dict().items()}, directory / STATS_FILE)
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    with os.fdopen(handle, "w") as out:
+        yaml.safe_dump(spec, out, sort_keys=False)
+    os.replace(tmp, directory / SPEC_FILE)
+    return directory
+
+
+def _inside(directory: Path, name: str) -> Path:
+    """``directory/name``, refusing links or paths that resolve outside ``directory``."""
+    path = directory / name
+    if not path.is_file():
+        raise UnsafeArtifactError(f"model directory {directory} has no {name}")
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise UnsafeArtifactError(f"{path} points outside its model directory; refused")
+    return path
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UnsafeArtifactError(
+            f"{path} is not a valid safetensors file ({error}); refusing to load it "
+            "(model weights are never unpickled, since a pickle can run arbitrary code)"
+        ) from error
+
+
+def read_spec(directory: str | Path) -> ModelSpec:
+    directory = Path(directory)
+    try:
+        raw = yaml.safe_load(_inside(directory, SPEC_FILE).read_text())
+    except yaml.YAMLError as error:
+        raise UnsafeArtifactError(f"{directory / SPEC_FILE} is not plain YAML: {error}") from error
+    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        raise UnsafeArtifactError(f"{directory / SPEC_FILE}: unknown model format")
+    raw.pop("format_version")
+    if raw.get("architecture") not in _architectures():
+        raise UnsafeArtifactError(
+            f"{directory / SPEC_FILE}: architecture {raw.get('architecture')!r} is not one of "
+            f"{sorted(_architectures())}")
+    return ModelSpec(**raw)
+
+
+def load_model_dir(directory: str | Path) -> LoadedModel:
+    """Rebuild network, feature extractor and statistics from a model directory (eval mode)."""
+    directory = Path(directory)
+    spec = read_spec(directory)
+    net = _architectures()[spec.architecture](**spec.kwargs)
+    state = _load_tensors(_inside(directory, WEIGHTS_FILE))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise UnsafeArtifactError(f"weights do not fit {spec.architecture}: {error}") from error
+    stats_tensors = _load_tensors(_inside(directory, STATS_FILE))
+    stats = FeatureStats(stats_tensors["feature_mean"], stats_tensors["feature_std"])
+    return LoadedModel(spec, net.eval(), build_features(spec.features).eval(), stats)

@@ -1,0 +1,101 @@
+"""Reading audio files: one function that every reader of audio calls.
+
+Training, the feature cache, benchmarks and inference all go through
+:func:`read_audio`, so a file is decoded, down-mixed and resampled the same way
+everywhere, and a bad file always fails with the same named :class:`AudioError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+
+class AudioError(Exception):
+    """A file that cannot be used as speech audio; ``reason`` says why in a few words."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _open(path: Path) -> sf.SoundFile:
+    if path.is_dir():
+        raise AudioError(path, "is a directory, not an audio file")
+    if not path.exists():
+        raise AudioError(path, "file not found")
+    if not os.access(path, os.R_OK):
+        raise AudioError(path, "permission denied")
+    if path.stat().st_size == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    try:
+        return sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise AudioError(path, f"not a readable audio file ({error})") from error
+
+
+def _to_mono_float(block: np.ndarray, path: Path) -> torch.Tensor:
+    """``(frames, channels)`` -> mono ``(frames,)`` float32, refusing non-finite samples."""
+    mono = block.mean(axis=1, dtype=np.float64) if block.ndim == 2 else block.astype(np.float64)
+    if not np.isfinite(mono).all():
+        raise AudioError(path, "contains NaN or infinite samples")
+    return torch.from_numpy(mono.astype(np.float32))
+
+
+def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
+    """``(..., time)`` at ``orig_rate`` -> ``(..., time')`` at ``new_rate`` (sinc, torchaudio)."""
+    if orig_rate == new_rate:
+        return waveform
+    return AF.resample(waveform, orig_rate, new_rate)
+
+
+def audio_info(path: str | Path) -> tuple[int, int, int]:
+    """``(sample_rate, frames, channels)`` of a file, without decoding it."""
+    path = Path(path)
+    with _open(path) as handle:
+        return handle.samplerate, handle.frames, handle.channels
+
+
+def read_audio(path: str | Path, sample_rate: int, min_samples: int = 2) -> torch.Tensor:
+    """Decode ``path`` to a mono float32 waveform ``(time,)`` at ``sample_rate``.
+
+    Any format and rate libsndfile reads; channels are averaged. Raises
+    :class:`AudioError` for missing, unreadable, empty, too-short or non-finite audio.
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        rate = handle.samplerate
+        if handle.frames == 0:
+            raise AudioError(path, "no audio samples (0 frames)")
+        try:
+            block = handle.read(dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as error:
+            raise AudioError(path, f"cannot decode audio ({error})") from error
+    if block.shape[0] < min_samples:
+        raise AudioError(path, f"too short ({block.shape[0]} samples)")
+    return resample(_to_mono_float(block, path), rate, sample_rate)
+
+
+def iter_audio_blocks(
+    path: str | Path, sample_rate: int, block_seconds: float = 30.0
+) -> Iterator[torch.Tensor]:
+    """Yield a long file as consecutive mono blocks ``(time,)`` at ``sample_rate``.
+
+    Only one block is held in memory at a time (an hour-long recording streams).
+    Blocks are resampled independently, which is exact up to the resampling
+    filter's edge (a few samples at block joins).
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        rate = handle.samplerate
+        if handle.frames == 0:
+            raise AudioError(path, "no audio samples (0 frames)")
+        for block in handle.blocks(blocksize=max(1, int(block_seconds * rate)), dtype="float32",
+                                   always_2d=True):
+            yield resample(_to_mono_float(block, path), rate, sample_rate)

@@ -1,0 +1,302 @@
+"""SERDataModule: manifest -> split -> cached features -> padded batches.
+
+A batch is a dict:
+
+* ``features``: ``(batch, channels, n_features, frames)`` float32, normalised with
+  training-split statistics, zero-padded after each item's length;
+* ``lengths``: ``(batch,)`` long, valid frames per item;
+* ``emotion``: ``(batch,)`` long class index; ``gender``: ``(batch,)`` long, -1 where unknown;
+* ``vad``: ``(batch, 3)`` float, NaN where the corpus has no dimensional labels;
+* ``domain``: ``(batch,)`` long corpus index; ``class_mask``: ``(batch, n_emotions)`` bool,
+  the classes the item's corpus has (multi-corpus training masks the others);
+* ``ids``: list of utterance ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ser_pipeline.audio import read_audio
+from ser_pipeline.corpora.labels import select_classes
+from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS, validate_manifest
+from ser_pipeline.features.cache import FeatureCache, extract_features
+from ser_pipeline.splits import Split, make_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureStats:
+    """Per (channel, feature) mean and std over all training frames, stored with the model."""
+
+    mean: torch.Tensor  # (channels, n_features, 1)
+    std: torch.Tensor  # (channels, n_features, 1)
+
+    @classmethod
+    def from_features(cls, features: list[torch.Tensor]) -> FeatureStats:
+        """Statistics over every frame of ``features`` (each ``(channels, n_features, frames)``)."""
+        frames = torch.cat(features, dim=-1).double()
+        mean = frames.mean(dim=-1, keepdim=True)
+        std = frames.std(dim=-1, keepdim=True).clamp_min(1e-5)
+        return cls(mean.float(), std.float())
+
+    def normalise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.std
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {"feature_mean": self.mean, "feature_std": self.std}
+
+
+def pad_batch(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of ``(channels, n_features, frames_i)`` -> ``(batch, channels, n_features, max)``
+    zero-padded, and ``lengths (batch,)``."""
+    lengths = torch.tensor([f.shape[-1] for f in features], dtype=torch.long)
+    batch = features[0].new_zeros((len(features), *features[0].shape[:-1], int(lengths.max())))
+    for i, item in enumerate(features):
+        batch[i, ..., : item.shape[-1]] = item
+    return batch, lengths
+
+
+class UtteranceDataset(Dataset):
+    """Items of one split; features are computed once (or taken from the cache)."""
+
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        features: list[torch.Tensor],
+        stats: FeatureStats,
+        classes: list[str],
+        domains: list[str],
+        domain_classes: dict[str, list[str]],
+        crop_frames: int | None = None,
+        random_crop: bool = False,
+    ) -> None:
+        self.rows = rows.reset_index(drop=True)
+        self.features = [stats.normalise(f) for f in features]
+        self.crop_frames, self.random_crop = crop_frames, random_crop
+        class_index = {name: i for i, name in enumerate(classes)}
+        self.emotion = torch.tensor([class_index[e] for e in self.rows["emotion"]], dtype=torch.long)
+        gender_index = {name: i for i, name in enumerate(GENDERS)}
+        self.gender = torch.tensor(
+            [gender_index.get(g, -1) if isinstance(g, str) else -1 for g in self.rows["gender"]],
+            dtype=torch.long,
+        )
+        self.vad = torch.tensor(self.rows[list(DIMENSIONS)].to_numpy(dtype=np.float32))
+        domain_index = {name: i for i, name in enumerate(domains)}
+        self.domain = torch.tensor([domain_index[d] for d in self.rows["corpus"]], dtype=torch.long)
+        masks = {
+            d: torch.tensor([c in domain_classes[d] for c in classes], dtype=torch.bool)
+            for d in domains
+        }
+        self.class_mask = torch.stack([masks[d] for d in self.rows["corpus"]])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        features = self.features[index]
+        if self.crop_frames is not None and features.shape[-1] > self.crop_frames:
+            excess = features.shape[-1] - self.crop_frames
+            start = int(torch.randint(0, excess + 1, ())) if self.random_crop else 0
+            features = features[..., start : start + self.crop_frames]
+        return {
+            "features": features,
+            "emotion": self.emotion[index],
+            "gender": self.gender[index],
+            "vad": self.vad[index],
+            "domain": self.domain[index],
+            "class_mask": self.class_mask[index],
+            "id": self.rows.at[index, "id"],
+        }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    features, lengths = pad_batch([item["features"] for item in items])
+    batch = {key: torch.stack([item[key] for item in items])
+             for key in ("emotion", "gender", "vad", "domain", "class_mask")}
+    batch.update(features=features, lengths=lengths, ids=[item["id"] for item in items])
+    return batch
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random order that depends only on (seed, epoch).
+
+    Why not RandomSampler: Lightning calls ``set_epoch`` on samplers that have
+    it, so a run resumed from a checkpoint sees exactly the orders the
+    uninterrupted run saw.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class SERDataModule(pl.LightningDataModule):
+    """Builds the manifest, split, features and loaders for one corpus (or several)."""
+
+    def __init__(
+        self,
+        name: str,
+        reader: Callable[..., pd.DataFrame],
+        root: str,
+        features: nn.Module,
+        classes: list[str],
+        label_map: dict[str, str] | None = None,
+        split: str = "loso",
+        fold: int = 0,
+        group_by: str = "speaker",
+        n_folds: int = 5,
+        val_speakers: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        max_seconds: float | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.name, self.reader, self.root = name, reader, root
+        self.extractor = features
+        self.classes = list(classes)
+        self.label_map = dict(label_map or {})
+        self.split_options = dict(protocol=split, fold=fold, group_by=group_by, n_folds=n_folds,
+                                  val_speakers=val_speakers, seed=seed)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.max_seconds, self.cache_dir = max_seconds, cache_dir
+        self.seed, self.progress = seed, progress
+        self.split: Split | None = None
+        self.skipped: dict[str, str] = {}
+        self._prepared = False
+
+    # -- what the model and tracking need to know -------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        return self.extractor.out_channels
+
+    @property
+    def n_features(self) -> int:
+        return self.extractor.n_features
+
+    @property
+    def sample_rate(self) -> int:
+        return self.extractor.sample_rate
+
+    def load_manifest(self) -> pd.DataFrame:
+        """The corpus manifest restricted (and merged) to ``classes``."""
+        manifest = self.reader(self.root)
+        validate_manifest(manifest)
+        manifest, dropped = select_classes(manifest, self.classes, self.label_map)
+        if dropped:
+            log.info("dropped utterances outside the class set: %s", dropped)
+        return manifest
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._prepared:
+            return
+        manifest = self.load_manifest()
+        self.split = make_split(manifest, **self.split_options)
+        cache = (FeatureCache(self.cache_dir, self.extractor.config())
+                 if self.cache_dir else None)
+        sample_rate = self.extractor.sample_rate
+
+        def compute(path: str) -> torch.Tensor:
+            return self.extractor(read_audio(path, sample_rate))
+
+        wanted = set(self.split.train) | set(self.split.val) | set(self.split.test)
+        manifest = manifest[manifest["id"].isin(wanted)].reset_index(drop=True)
+        features, self.skipped = extract_features(
+            manifest["path"].tolist(), compute, cache, f"{self.name} features", self.progress
+        )
+        if self.skipped:
+            log.warning("skipped %d undecodable file(s):\n%s", len(self.skipped),
+                        "\n".join(f"  {p}: {r}" for p, r in self.skipped.items()))
+        if cache is not None:
+            log.info("feature cache %s: %d hits, %d computed", cache.folder, cache.hits,
+                     cache.misses)
+        keep = [f is not None for f in features]
+        self.manifest = manifest[keep].reset_index(drop=True)
+        by_id = dict(zip(self.manifest["id"], [f for f in features if f is not None], strict=True))
+        self.domains = sorted(self.manifest["corpus"].unique().tolist())
+        self.domain_classes = {
+            d: sorted(self.manifest.loc[self.manifest["corpus"] == d, "emotion"].unique().tolist())
+            for d in self.domains
+        }
+        parts = {"train": self.split.train, "val": self.split.val, "test": self.split.test}
+        rows = {p: self.manifest[self.manifest["id"].isin(ids)] for p, ids in parts.items()}
+        for part, frame in rows.items():
+            if frame.empty:
+                raise ValueError(f"the {part} split is empty after skipping bad files")
+        self.stats = FeatureStats.from_features([by_id[i] for i in rows["train"]["id"]])
+        crop = None
+        if self.max_seconds is not None:
+            crop = int(self.max_seconds * sample_rate / self.extractor.hop_length) + 1
+        self.datasets = {
+            part: UtteranceDataset(frame, [by_id[i] for i in frame["id"]], self.stats,
+                                   self.classes, self.domains, self.domain_classes,
+                                   crop_frames=crop, random_crop=part == "train")
+            for part, frame in rows.items()
+        }
+        self._prepared = True
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _loader(self, part: str) -> DataLoader:
+        dataset = self.datasets[part]
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if part == "train" else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # -- reporting -------------------------------------------------------------------------
+    @property
+    def has_gender(self) -> bool:
+        return bool(self.manifest["gender"].notna().any())
+
+    @property
+    def has_dimensions(self) -> bool:
+        return bool(self.manifest[list(DIMENSIONS)].notna().any().any())
+
+    def summary(self) -> dict[str, Any]:
+        """Utterances, speakers and class counts per split, plus skipped files."""
+        out: dict[str, Any] = {"corpus": self.name, "classes": self.classes,
+                               "split": self.split.summary() if self.split else None,
+                               "skipped_files": dict(self.skipped)}
+        for part, dataset in self.datasets.items():
+            rows = dataset.rows
+            out[part] = {
+                "utterances": len(rows),
+                "speakers": sorted(rows["speaker"].unique().tolist()),
+                "class_counts": {c: int((rows["emotion"] == c).sum()) for c in self.classes},
+            }
+        return out
+
+    def root_path(self) -> Path:
+        return Path(self.root)

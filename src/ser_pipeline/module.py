@@ -1,0 +1,211 @@
+"""SERModule: the LightningModule that owns losses, metrics and optimisation.
+
+The network is any plain ``nn.Module`` following the models' contract
+(``forward(features, lengths) -> {"emotion", "gender", "vad", ...}``); this class
+adds the multitask losses (masked where a corpus lacks a label), torchmetrics
+per stage (``train/…``, ``val/…``, ``test/…``) and the confusion matrices that
+tracking logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+
+from ser_pipeline.corpora.manifest import DIMENSIONS
+from ser_pipeline.losses import (
+    UncertaintyWeighting,
+    ccc_loss,
+    concordance_cc,
+    masked_cross_entropy,
+)
+
+STAGES = ("train", "val", "test")
+
+
+class StageMetrics(nn.Module):
+    """All metrics of one stage; emotion metrics are torchmetrics, CCC masks missing labels."""
+
+    def __init__(self, n_classes: int, top_k: int) -> None:
+        super().__init__()
+        self.emotion = MetricCollection({
+            "uar": MulticlassRecall(n_classes, average="macro"),
+            "wa": MulticlassAccuracy(n_classes, average="micro"),
+            "f1": MulticlassF1Score(n_classes, average="macro"),
+            f"top{top_k}": MulticlassAccuracy(n_classes, top_k=top_k, average="micro"),
+        })
+        self.class_recall = MulticlassRecall(n_classes, average=None)
+        self.confusion = MulticlassConfusionMatrix(n_classes)
+        self.gender = MulticlassAccuracy(2, average="micro")
+        self.vad_pred: list[torch.Tensor] = []
+        self.vad_true: list[torch.Tensor] = []
+        self.has_gender = False
+
+    def update(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        logits = outputs["emotion"].detach()
+        self.emotion.update(logits, batch["emotion"])
+        self.class_recall.update(logits, batch["emotion"])
+        self.confusion.update(logits, batch["emotion"])
+        labelled = batch["gender"] >= 0
+        if labelled.any():
+            self.has_gender = True
+            self.gender.update(outputs["gender"].detach()[labelled], batch["gender"][labelled])
+        self.vad_pred.append(outputs["vad"].detach().cpu())
+        self.vad_true.append(batch["vad"].detach().cpu())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = dict(self.emotion.compute())
+        for i, recall in enumerate(self.class_recall.compute()):
+            values[f"recall_{i}"] = recall
+        if self.has_gender:
+            values["gender_acc"] = self.gender.compute()
+        if self.vad_pred:
+            pred, true = torch.cat(self.vad_pred), torch.cat(self.vad_true)
+            for d, name in enumerate(DIMENSIONS[: true.shape[1]]):
+                labelled = ~torch.isnan(true[:, d])
+                if labelled.sum() >= 2:
+                    values[f"ccc_{name}"] = concordance_cc(pred[labelled, d], true[labelled, d])
+        return values
+
+    def reset(self) -> None:
+        self.emotion.reset()
+        self.class_recall.reset()
+        self.confusion.reset()
+        self.gender.reset()
+        self.vad_pred, self.vad_true, self.has_gender = [], [], False
+
+
+class SERModule(pl.LightningModule):
+    """Multitask speech emotion recognition training."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        class_names: list[str],
+        scheduler: Callable[..., Any] | None = None,
+        loss_weights: dict[str, float] | None = None,
+        weighting: str = "fixed",
+        label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
+        spec_augment: nn.Module | None = None,
+        top_k: int = 3,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.class_names = list(class_names)
+        self.loss_weights = {"emotion": 1.0, "gender": 0.0, "vad": 0.0, "domain": 0.0,
+                             **(loss_weights or {})}
+        if weighting not in ("fixed", "uncertainty"):
+            raise ValueError("model.weighting must be 'fixed' or 'uncertainty'")
+        tasks = [t for t, w in self.loss_weights.items() if w > 0]
+        self.uncertainty = UncertaintyWeighting(tasks) if weighting == "uncertainty" else None
+        self.label_smoothing = label_smoothing
+        self.register_buffer("class_weights",
+                             torch.tensor(class_weights, dtype=torch.float32)
+                             if class_weights else None, persistent=False)
+        self.spec_augment = spec_augment
+        self.top_k = min(top_k, len(class_names))
+        self.metrics = nn.ModuleDict({s: StageMetrics(len(class_names), self.top_k)
+                                      for s in STAGES})
+        self.best_val_uar = -1.0
+        self.best_val_confusion: torch.Tensor | None = None
+        self.test_confusion: torch.Tensor | None = None
+        self.test_results: dict[str, float] = {}
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(features, lengths)
+
+    def losses(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
+        """Per-task losses; tasks without labelled items in the batch are absent."""
+        losses: dict[str, torch.Tensor] = {}
+        candidates = {
+            "emotion": lambda: masked_cross_entropy(
+                outputs["emotion"], batch["emotion"], self.class_weights,
+                self.label_smoothing, batch.get("class_mask")),
+            "gender": lambda: masked_cross_entropy(outputs["gender"], batch["gender"]),
+            "vad": lambda: ccc_loss(outputs["vad"], batch["vad"]),
+            "domain": lambda: (masked_cross_entropy(outputs["domain"], batch["domain"])
+                               if "domain" in outputs else None),
+        }
+        for task, weight in self.loss_weights.items():
+            if weight > 0:
+                value = candidates[task]()
+                if value is not None:
+                    losses[task] = value
+        if self.uncertainty is not None:
+            total = self.uncertainty(losses)
+        else:
+            total = sum(self.loss_weights[t] * v for t, v in losses.items())
+        return {"total": total, **losses}
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        features = batch["features"]
+        if stage == "train" and self.spec_augment is not None:
+            features = self.spec_augment(features, batch["lengths"])
+        outputs = self(features, batch["lengths"])
+        losses = self.losses(outputs, batch)
+        size = len(batch["ids"])
+        self.log(f"{stage}/loss", losses["total"], on_step=False, on_epoch=True, batch_size=size,
+                 prog_bar=stage != "train")
+        for task in ("emotion", "gender", "vad", "domain"):
+            if task in losses:
+                self.log(f"{stage}/loss_{task}", losses[task], on_step=False, on_epoch=True,
+                         batch_size=size)
+        self.metrics[stage].update(outputs, batch)
+        return losses["total"]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _epoch_end(self, stage: str) -> dict[str, float]:
+        metrics = self.metrics[stage]
+        values = metrics.compute()
+        named = {}
+        for key, value in values.items():
+            if key.startswith("recall_"):
+                key = f"recall_{self.class_names[int(key.split('_')[1])]}"
+            named[key] = float(value)
+            self.log(f"{stage}/{key}", value, prog_bar=key == "uar")
+        confusion = metrics.confusion.compute().cpu()
+        metrics.reset()
+        if stage == "val" and not self.trainer.sanity_checking and named["uar"] > self.best_val_uar:
+            self.best_val_uar, self.best_val_confusion = named["uar"], confusion
+        if stage == "test":
+            self.test_confusion, self.test_results = confusion, named
+        return named
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
+                                 "monitor": "val/uar", "interval": "epoch"}}

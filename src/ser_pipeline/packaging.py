@@ -1,0 +1,50 @@
+"""Logging a model directory to MLflow as a pyfunc *models from code* model."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def example_input(sample_rate: int) -> pd.DataFrame:
+    """A half-second tone as base64 WAV: the input example stored with the model."""
+    t = np.arange(int(0.5 * sample_rate)) / sample_rate
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), sample_rate,
+             format="WAV")
+    return pd.DataFrame({"path": [""],
+                         "audio_base64": [base64.b64encode(buffer.getvalue()).decode()]})
+
+
+def log_pyfunc_model(model_dir: str | Path, name: str = "model"):
+    """Log ``model_dir`` as a pyfunc model of the active run; returns MLflow's ModelInfo."""
+    from ser_pipeline.inference import Predictor
+
+    predictor = Predictor.from_dir(model_dir)
+    example = example_input(predictor.sample_rate)
+    outputs = Schema([
+        ColSpec("string", "emotion"),
+        ColSpec("string", "gender", required=False),
+        *[ColSpec("double", d, required=False) for d in ("valence", "arousal", "dominance")],
+        *[ColSpec("double", f"score_{c}") for c in predictor.classes],
+    ])
+    inputs = Schema([ColSpec("string", "path", required=False),
+                     ColSpec("string", "audio_base64", required=False)])
+    signature = ModelSignature(inputs=inputs, outputs=outputs)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(PYFUNC_CODE),
+        artifacts={"model_dir": str(model_dir)},
+        signature=signature,
+        input_example=example,
+    )

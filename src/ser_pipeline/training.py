@@ -1,0 +1,276 @@
+"""One training run: seed -> data -> model -> fit -> test best -> log -> package.
+
+``train.py`` (Hydra) calls :func:`run`, which trains one fold or, with
+``data.fold=all``, every fold as cross-validation (see ``crossval.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ser_pipeline import tracking
+from ser_pipeline.artifact import save_model_dir
+from ser_pipeline.callbacks import CheckpointOnInterrupt, ReseedEachEpoch
+from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS
+from ser_pipeline.data import SERDataModule
+from ser_pipeline.module import SERModule
+
+log = logging.getLogger(__name__)
+
+
+class TerminationRequested(KeyboardInterrupt):
+    """SIGTERM, turned into the interrupt Lightning already shuts down cleanly on."""
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise TerminationRequested(f"signal {signum}")
+
+
+def sweep_tags() -> dict[str, str]:
+    """Tags that group the jobs of one Hydra multirun (empty for a single run)."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    return {"sweep_id": Path(hydra_cfg.sweep.dir).name, "sweep_dir": str(hydra_cfg.sweep.dir),
+            "sweep_job": str(hydra_cfg.job.num),
+            "sweep_overrides": ",".join(hydra_cfg.overrides.task)}
+
+
+def build_datamodule(cfg: DictConfig) -> SERDataModule:
+    return instantiate(cfg.data, features=instantiate(cfg.feature), _convert_="partial")
+
+
+def net_kwargs(cfg: DictConfig, datamodule: SERDataModule) -> dict[str, Any]:
+    """The network's constructor arguments: the model config plus the data's sizes."""
+    kwargs = OmegaConf.to_container(cfg.model.net, resolve=True)
+    kwargs.pop("_target_")
+    kwargs.update(in_channels=datamodule.in_channels, n_features=datamodule.n_features,
+                  n_emotions=len(datamodule.classes))
+    if cfg.model.get("domain_head", False) and len(datamodule.domains) > 1:
+        kwargs.update(n_domains=len(datamodule.domains),
+                      domain_adversarial=bool(cfg.model.get("domain_adversarial", False)))
+    return kwargs
+
+
+def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule, dict]:
+    kwargs = net_kwargs(cfg, datamodule)
+    net = instantiate({"_target_": cfg.model.net._target_, **kwargs})
+    loss = cfg.model.loss
+    class_weights = loss.get("class_weights")
+    if class_weights == "balanced":
+        counts = datamodule.datasets["train"].emotion.bincount(minlength=len(datamodule.classes))
+        class_weights = (counts.sum() / (len(counts) * counts.clamp_min(1))).tolist()
+    module = SERModule(
+        net=net,
+        optimizer=instantiate(cfg.model.optimizer),
+        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
+        class_names=datamodule.classes,
+        loss_weights=dict(loss.weights),
+        weighting=loss.weighting,
+        label_smoothing=loss.label_smoothing,
+        class_weights=list(class_weights) if class_weights else None,
+        spec_augment=instantiate(cfg.model.spec_augment) if cfg.model.get("spec_augment")
+        else None,
+    )
+    return module, kwargs
+
+
+def _run_tags(cfg: DictConfig, datamodule: SERDataModule, root: Path) -> dict[str, str]:
+    split = datamodule.split
+    return {
+        **tracking.git_state(root),
+        "corpus": datamodule.name,
+        "model": str(cfg.model.name),
+        "split_protocol": split.protocol,
+        "speaker_independent": str(split.speaker_independent).lower(),
+        "evaluation": ("speaker-independent" if split.speaker_independent
+                       else "SPEAKER-DEPENDENT (same speakers in train and test)"),
+        "fold": str(split.fold),
+        "n_folds": str(split.n_folds),
+        "test_speakers": ",".join(split.test_speakers),
+        **sweep_tags(),
+        **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
+    }
+
+
+def _tracking_config(cfg: DictConfig) -> DictConfig | None:
+    return cfg.logger.get("mlflow") if cfg.get("logger") else None
+
+
+def setup_tracking(cfg: DictConfig) -> str | None:
+    """Point MLflow at the configured store (checked now, before any training); experiment id."""
+    mlflow_cfg = _tracking_config(cfg)
+    if mlflow_cfg is None:
+        return None
+    mlruns = Path(cfg.paths.mlruns_dir)
+    uri = tracking.resolve_tracking_uri(mlflow_cfg.get("tracking_uri"), mlruns)
+    tracking.check_tracking_store(uri)
+    mlflow.set_tracking_uri(uri)
+    artifact_root = mlruns / "artifacts" if uri.startswith("sqlite:") else None
+    return tracking.get_or_create_experiment(mlflow_cfg.experiment_name, artifact_root)
+
+
+def _resumed_from(ckpt_path: str | None) -> dict[str, str]:
+    if not ckpt_path:
+        return {}
+    tags = {"resumed_from_checkpoint": str(Path(ckpt_path).resolve())}
+    marker = Path(ckpt_path).parent / "mlflow_run.json"
+    if marker.exists():
+        tags["resumed_from_run"] = json.loads(marker.read_text()).get("run_id", "")
+    return tags
+
+
+def train(cfg: DictConfig, parent_run_id: str | None = None,
+          datamodule: SERDataModule | None = None) -> dict[str, Any]:
+    """Train and test one fold; returns the summary (run id, metrics, confusion, model dir)."""
+    started = time.time()
+    root = Path(cfg.paths.root_dir).resolve()
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    experiment_id = setup_tracking(cfg)
+    datamodule = datamodule or build_datamodule(cfg)
+    datamodule.setup()
+    module, kwargs = build_module(cfg, datamodule)
+    summary = datamodule.summary()
+    log.info("data: %s", json.dumps({k: (v if k not in ("train", "val", "test") else
+                                         {"utterances": v["utterances"],
+                                          "speakers": len(v["speakers"])})
+                                     for k, v in summary.items() if k != "skipped_files"}))
+    if not datamodule.split.speaker_independent:
+        log.warning("split '%s' is SPEAKER-DEPENDENT: test speakers were seen in training",
+                    datamodule.split.protocol)
+
+    checkpoint_dir = output_dir / "checkpoints"
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir))]
+
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        if experiment_id is None:
+            return _fit_and_test(cfg, datamodule, module, callbacks, None, started)
+        mlflow_cfg = _tracking_config(cfg)
+        tags = {**_run_tags(cfg, datamodule, root), **_resumed_from(cfg.get("ckpt_path"))}
+        run_name = f"{cfg.model.name}-{datamodule.name}-fold{datamodule.split.fold}"
+        with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (checkpoint_dir / "mlflow_run.json").write_text(json.dumps(
+                {"run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}))
+            tracking.log_params(tracking.flatten_config(cfg))
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
+            mlflow.log_dict(summary, "data/summary.json")
+            mlflow.log_params({f"data.{part}_utterances": summary[part]["utterances"]
+                               for part in ("train", "val", "test")})
+            mlflow.log_param("data.skipped_files", len(datamodule.skipped))
+            from pytorch_lightning.loggers import MLFlowLogger
+
+            logger = MLFlowLogger(experiment_name=mlflow_cfg.experiment_name,
+                                  tracking_uri=mlflow.get_tracking_uri(),
+                                  run_id=run.info.run_id)
+            result = _fit_and_test(cfg, datamodule, module, callbacks, logger, started)
+            result["run_id"] = run.info.run_id
+            _log_results(cfg, datamodule, module, kwargs, result, output_dir)
+        return result
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
+                  callbacks: list, logger: Any, started: float) -> dict[str, Any]:
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
+                                      logger=logger if logger is not None else False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    result: dict[str, Any] = {"run_id": None, "best_checkpoint": best or None,
+                              "best_val_uar": module.best_val_uar,
+                              "epochs": trainer.current_epoch}
+    if cfg.get("test", True):
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        result["test"] = dict(module.test_results)
+    result["train_seconds"] = time.time() - started
+    result["module"] = module
+    return result
+
+
+def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
+                 kwargs: dict, result: dict[str, Any], output_dir: Path) -> None:
+    """Confusion matrices, per-class report, the model artifact and its registration."""
+    classes = datamodule.classes
+    if module.best_val_confusion is not None:
+        tracking.log_confusion(module.best_val_confusion.numpy(), classes, "val_best",
+                               f"validation (best epoch, UAR {module.best_val_uar:.3f})")
+    if module.test_confusion is not None:
+        uar = result["test"]["uar"]
+        protocol = ("speaker-independent" if datamodule.split.speaker_independent
+                    else "SPEAKER-DEPENDENT")
+        tracking.log_confusion(module.test_confusion.numpy(), classes, "test",
+                               f"test, {protocol} (UAR {uar:.3f})")
+        result["confusion"] = module.test_confusion.tolist()
+    mlflow.log_metric("train_seconds", result["train_seconds"])
+    mlflow_cfg = _tracking_config(cfg)
+    model_dir = output_dir / "model"
+    save_model_dir(model_dir, module.net, kwargs, {
+        "features": datamodule.extractor.config(),
+        "classes": classes,
+        "genders": list(GENDERS),
+        "dimensions": list(DIMENSIONS),
+        "has_gender": datamodule.has_gender,
+        "has_dimensions": datamodule.has_dimensions,
+        "info": {"corpus": datamodule.name, "model": str(cfg.model.name),
+                 "run_id": result["run_id"], "split": datamodule.split.summary(),
+                 "test_metrics": result.get("test", {})},
+    }, datamodule.stats)
+    result["model_dir"] = str(model_dir)
+    if mlflow_cfg.get("log_model", True):
+        from ser_pipeline.packaging import log_pyfunc_model
+
+        info = log_pyfunc_model(model_dir)
+        result["model_uri"] = info.model_uri
+        if mlflow_cfg.get("register", True) and "test" in result:
+            version = tracking.register_model(
+                info.model_uri, mlflow_cfg.registered_model_name, "val_uar",
+                module.best_val_uar, mlflow_cfg.get("champion_alias"))
+            result["registered"] = f"models:/{version.name}/{version.version}"
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    test = result.get("test", {})
+    lines = [f"run id:      {result.get('run_id') or '(not tracked)'}"]
+    if test:
+        lines.append(f"test UAR:    {test['uar']:.4f}")
+        lines.append(f"test WA:     {test['wa']:.4f}")
+        lines.append(f"test F1:     {test['f1']:.4f}")
+    if result.get("registered"):
+        lines.append(f"model:       {result['registered']}")
+    lines.append(f"time:        {result['train_seconds']:.1f} s")
+    print("\n".join(["", "=== summary ===", *lines]), flush=True)
+
+
+def run(cfg: DictConfig) -> float:
+    """Entry point behind ``train.py``: returns the optimised metric (test or val UAR)."""
+    print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if str(cfg.data.fold) == "all":
+        from ser_pipeline.crossval import cross_validate
+
+        return cross_validate(cfg)["mean"]["uar"]
+    result = train(cfg)
+    print_summary(result)
+    metric = cfg.get("optimized_metric", "test/uar")
+    stage, name = metric.split("/")
+    return float(result["test"][name] if stage == "test" else result["best_val_uar"])
