@@ -118,7 +118,8 @@ class SERModule(pl.LightningModule):
                              if class_weights else None, persistent=False)
         self.spec_augment = spec_augment
         self.top_k = min(top_k, len(class_names))
-        self.metrics = nn.ModuleDict({s: StageMetrics(len(class_names), self.top_k)
+        # ModuleDict keys cannot be "train" (nn.Module.train exists), hence the suffix
+        self.metrics = nn.ModuleDict({f"{s}_metrics": StageMetrics(len(class_names), self.top_k)
                                       for s in STAGES})
         self.best_val_uar = -1.0
         self.best_val_confusion: torch.Tensor | None = None
@@ -164,7 +165,7 @@ class SERModule(pl.LightningModule):
             if task in losses:
                 self.log(f"{stage}/loss_{task}", losses[task], on_step=False, on_epoch=True,
                          batch_size=size)
-        self.metrics[stage].update(outputs, batch)
+        self.metrics[f"{stage}_metrics"].update(outputs, batch)
         return losses["total"]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -177,7 +178,7 @@ class SERModule(pl.LightningModule):
         self._step(batch, "test")
 
     def _epoch_end(self, stage: str) -> dict[str, float]:
-        metrics = self.metrics[stage]
+        metrics = self.metrics[f"{stage}_metrics"]
         values = metrics.compute()
         named = {}
         for key, value in values.items():

@@ -94,7 +94,9 @@ class LogMelFeatures(nn.Module):
         if waveform.shape[-1] <= self.n_fft // 2:
             # reflect padding needs more samples than half the FFT size: zero-pad short clips
             waveform = nn.functional.pad(waveform, (0, self.n_fft // 2 + 1 - waveform.shape[-1]))
-        logmel = self.to_db(self.mel(waveform))  # (..., n_mels, frames)
+        # (..., 1, n_mels, frames): AmplitudeToDB floors top_db below the max over the last
+        # three dims, so the singleton channel keeps that floor per item, not per batch
+        logmel = self.to_db(self.mel(waveform).unsqueeze(-3)).squeeze(-3)
         if not self.deltas:
             return logmel.unsqueeze(-3)
         delta = self.compute_deltas(logmel)
