@@ -70,6 +70,9 @@ def net_kwargs(cfg: DictConfig, datamodule: SERDataModule) -> dict[str, Any]:
 def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule, dict]:
     kwargs = net_kwargs(cfg, datamodule)
     net = instantiate({"_target_": cfg.model.net._target_, **kwargs})
+    if "pretrained_weights" in kwargs:
+        # the trained state dict holds the backbone; a rebuilt model must not re-read the file
+        kwargs["pretrained_weights"] = None
     loss = cfg.model.loss
     class_weights = loss.get("class_weights")
     if class_weights == "balanced":
@@ -136,8 +139,13 @@ def _resumed_from(ckpt_path: str | None) -> dict[str, str]:
 
 
 def train(cfg: DictConfig, parent_run_id: str | None = None,
-          datamodule: SERDataModule | None = None) -> dict[str, Any]:
-    """Train and test one fold; returns the summary (run id, metrics, confusion, model dir)."""
+          datamodule: SERDataModule | None = None, extra_callbacks: list | None = None,
+          extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train and test one fold; returns the summary (run id, metrics, confusion, model dir).
+
+    ``parent_run_id`` nests the MLflow run (cross-validation folds, Optuna trials);
+    ``extra_callbacks`` (e.g. an Optuna pruning callback) join the configured ones.
+    """
     started = time.time()
     root = Path(cfg.paths.root_dir).resolve()
     output_dir = Path(cfg.paths.output_dir)
@@ -157,14 +165,16 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
 
     checkpoint_dir = output_dir / "checkpoints"
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir))]
+    callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)),
+                  *(extra_callbacks or [])]
 
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         if experiment_id is None:
             return _fit_and_test(cfg, datamodule, module, callbacks, None, started)
         mlflow_cfg = _tracking_config(cfg)
-        tags = {**_run_tags(cfg, datamodule, root), **_resumed_from(cfg.get("ckpt_path"))}
+        tags = {**_run_tags(cfg, datamodule, root), **_resumed_from(cfg.get("ckpt_path")),
+                **(extra_tags or {})}
         run_name = f"{cfg.model.name}-{datamodule.name}-fold{datamodule.split.fold}"
         with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,41 @@
+"""Running the real entry points in a subprocess, in a throw-away project root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: a small synthetic corpus and a short run: what the end-to-end tests train on
+FAST = [
+    "data.reader.n_speakers=4",
+    "data.reader.utterances_per_class=4",
+    "data.val_speakers=1",
+    "trainer=debug",
+    "trainer.enable_progress_bar=false",
+    "model.net.conv_channels=[8,16]",
+    "model.net.lstm_hidden=16",
+    "model.net.lstm_layers=1",
+    "model.net.attention_dim=16",
+    "model.net.head_hidden=16",
+]
+
+
+def project_env(root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(SER_PIPELINE_ROOT=str(root), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_script(script: str, args: list[str], root: Path, timeout: float = 600,
+               **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=root,
+                          env=project_env(root, **env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def store_uri(root: Path) -> str:
+    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
