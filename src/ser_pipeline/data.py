@@ -81,9 +81,14 @@ class UtteranceDataset(Dataset):
         domain_classes: dict[str, list[str]],
         crop_frames: int | None = None,
         random_crop: bool = False,
+        waveforms: list[torch.Tensor] | None = None,
+        wave_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.rows = rows.reset_index(drop=True)
+        self.stats = stats
         self.features = [stats.normalise(f) for f in features]
+        # with waveform augmentation, features are recomputed from an augmented waveform
+        self.waveforms, self.wave_transform = waveforms, wave_transform
         self.crop_frames, self.random_crop = crop_frames, random_crop
         class_index = {name: i for i, name in enumerate(classes)}
         self.emotion = torch.tensor([class_index[e] for e in self.rows["emotion"]], dtype=torch.long)
@@ -106,6 +111,8 @@ class UtteranceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         features = self.features[index]
+        if self.waveforms is not None and self.wave_transform is not None:
+            features = self.stats.normalise(self.wave_transform(self.waveforms[index]))
         if self.crop_frames is not None and features.shape[-1] > self.crop_frames:
             excess = features.shape[-1] - self.crop_frames
             start = int(torch.randint(0, excess + 1, ())) if self.random_crop else 0
@@ -137,8 +144,8 @@ class EpochShuffleSampler(Sampler[int]):
     uninterrupted run saw.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, weights: torch.Tensor | None = None) -> None:
+        self.size, self.seed, self.epoch, self.weights = size, seed, 0, weights
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -148,6 +155,9 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:  # class-balanced: draw with replacement by weight
+            return iter(torch.multinomial(self.weights, self.size, replacement=True,
+                                          generator=generator).tolist())
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
@@ -173,6 +183,8 @@ class SERDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         progress: bool = True,
+        augment: dict[str, Any] | None = None,
+        balanced_sampling: bool = False,
     ) -> None:
         super().__init__()
         self.name, self.reader, self.root = name, reader, root
@@ -184,6 +196,7 @@ class SERDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_seconds, self.cache_dir = max_seconds, cache_dir
         self.seed, self.progress = seed, progress
+        self.augment, self.balanced_sampling = dict(augment or {}), balanced_sampling
         self.split: Split | None = None
         self.skipped: dict[str, str] = {}
         self._prepared = False
@@ -256,12 +269,31 @@ class SERDataModule(pl.LightningDataModule):
                                    crop_frames=crop, random_crop=part == "train")
             for part, frame in rows.items()
         }
+        if self.augment:
+            self._enable_wave_augmentation(rows["train"])
         self._prepared = True
+
+    def _enable_wave_augmentation(self, train_rows: pd.DataFrame) -> None:
+        """Training items get features of a freshly augmented waveform on every access."""
+        from ser_pipeline.augment import WaveAugment
+
+        augment = WaveAugment(sample_rate=self.sample_rate, **self.augment)
+        extractor = self.extractor
+        waveforms = [read_audio(p, self.sample_rate) for p in train_rows["path"]]
+        dataset = self.datasets["train"]
+        dataset.waveforms = waveforms
+        dataset.wave_transform = lambda wave: extractor(augment(wave))
 
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, part: str) -> DataLoader:
         dataset = self.datasets[part]
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if part == "train" else None
+        sampler = None
+        if part == "train":
+            weights = None
+            if self.balanced_sampling:  # each class drawn equally often (DCNN-BLSTMwA recipe)
+                counts = dataset.emotion.bincount(minlength=len(self.classes)).float()
+                weights = (1.0 / counts.clamp_min(1))[dataset.emotion]
+            sampler = EpochShuffleSampler(len(dataset), self.seed, weights)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=self.num_workers > 0)

@@ -9,6 +9,7 @@ tracking logs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from ser_pipeline.losses import (
 )
 
 STAGES = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 class StageMetrics(nn.Module):
@@ -101,6 +103,8 @@ class SERModule(pl.LightningModule):
         class_weights: list[float] | None = None,
         spec_augment: nn.Module | None = None,
         top_k: int = 3,
+        mixup_alpha: float = 0.0,
+        domain_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -117,6 +121,9 @@ class SERModule(pl.LightningModule):
                              torch.tensor(class_weights, dtype=torch.float32)
                              if class_weights else None, persistent=False)
         self.spec_augment = spec_augment
+        self.mixup_alpha = mixup_alpha
+        self.domain_names = list(domain_names or [])
+        self._test_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.top_k = min(top_k, len(class_names))
         # ModuleDict keys cannot be "train" (nn.Module.train exists), hence the suffix
         self.metrics = nn.ModuleDict({f"{s}_metrics": StageMetrics(len(class_names), self.top_k)
@@ -156,6 +163,8 @@ class SERModule(pl.LightningModule):
         features = batch["features"]
         if stage == "train" and self.spec_augment is not None:
             features = self.spec_augment(features, batch["lengths"])
+        if stage == "train" and self.mixup_alpha > 0:
+            return self._mixup_step(batch, features)
         outputs = self(features, batch["lengths"])
         losses = self.losses(outputs, batch)
         size = len(batch["ids"])
@@ -166,7 +175,39 @@ class SERModule(pl.LightningModule):
                 self.log(f"{stage}/loss_{task}", losses[task], on_step=False, on_epoch=True,
                          batch_size=size)
         self.metrics[f"{stage}_metrics"].update(outputs, batch)
+        if stage == "test":
+            self._test_outputs.append((outputs["emotion"].argmax(-1).cpu(),
+                                       batch["emotion"].cpu(), batch["domain"].cpu()))
         return losses["total"]
+
+    def _mixup_step(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
+        """Mixup (Zhang et al., 2018): the loss of a mixed batch is the lam-weighted loss
+        against both items' labels, which for cross-entropy equals soft-target training."""
+        from ser_pipeline.augment import mixup
+
+        onehot = torch.nn.functional.one_hot(batch["emotion"], len(self.class_names)).float()
+        mixed = mixup(features, onehot, self.mixup_alpha, lengths=batch["lengths"])
+        outputs = self(mixed.features, mixed.lengths)
+        permuted = {k: (v[mixed.permutation] if torch.is_tensor(v) else v)
+                    for k, v in batch.items()}
+        total = (mixed.lam * self.losses(outputs, batch)["total"]
+                 + (1 - mixed.lam) * self.losses(outputs, permuted)["total"])
+        self.log("train/loss", total, on_step=False, on_epoch=True, batch_size=len(batch["ids"]))
+        return total
+
+    def _per_domain_uar(self) -> dict[str, float]:
+        """Test UAR per corpus (multi-corpus training), over the classes each corpus has."""
+        if len(self.domain_names) < 2 or not self._test_outputs:
+            return {}
+        pred, true, domain = (torch.cat(x) for x in zip(*self._test_outputs, strict=True))
+        values = {}
+        for d, name in enumerate(self.domain_names):
+            here = domain == d
+            recalls = [float((pred[here & (true == c)] == c).float().mean())
+                       for c in true[here].unique().tolist()]
+            if recalls:
+                values[f"uar_{name}"] = sum(recalls) / len(recalls)
+        return values
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -191,6 +232,10 @@ class SERModule(pl.LightningModule):
         if stage == "val" and not self.trainer.sanity_checking and named["uar"] > self.best_val_uar:
             self.best_val_uar, self.best_val_confusion = named["uar"], confusion
         if stage == "test":
+            for key, value in self._per_domain_uar().items():
+                named[key] = value
+                self.log(f"test/{key}", value)
+            self._test_outputs = []
             self.test_confusion, self.test_results = confusion, named
         return named
 
@@ -198,7 +243,12 @@ class SERModule(pl.LightningModule):
         self._epoch_end("train")
 
     def on_validation_epoch_end(self) -> None:
-        self._epoch_end("val")
+        values = self._epoch_end("val")
+        if not self.trainer.sanity_checking:
+            log.info("epoch %d  val/uar %.4f  val/wa %.4f  val/loss %.4f  (best uar %.4f)",
+                     self.current_epoch, values["uar"], values["wa"],
+                     float(self.trainer.callback_metrics.get("val/loss", float("nan"))),
+                     self.best_val_uar)
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")

@@ -30,6 +30,9 @@ from ser_pipeline.module import SERModule
 
 log = logging.getLogger(__name__)
 
+#: written into a run's output folder so that a resumed checkpoint can name its original run
+RUN_MARKER = "mlflow_run.json"
+
 
 class TerminationRequested(KeyboardInterrupt):
     """SIGTERM, turned into the interrupt Lightning already shuts down cleanly on."""
@@ -89,6 +92,8 @@ def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule,
         class_weights=list(class_weights) if class_weights else None,
         spec_augment=instantiate(cfg.model.spec_augment) if cfg.model.get("spec_augment")
         else None,
+        mixup_alpha=float(cfg.model.get("mixup_alpha") or 0.0),
+        domain_names=datamodule.domains,
     )
     return module, kwargs
 
@@ -132,7 +137,7 @@ def _resumed_from(ckpt_path: str | None) -> dict[str, str]:
     if not ckpt_path:
         return {}
     tags = {"resumed_from_checkpoint": str(Path(ckpt_path).resolve())}
-    marker = Path(ckpt_path).parent / "mlflow_run.json"
+    marker = Path(ckpt_path).resolve().parent.parent / RUN_MARKER  # <output_dir>/checkpoints/x
     if marker.exists():
         tags["resumed_from_run"] = json.loads(marker.read_text()).get("run_id", "")
     return tags
@@ -177,8 +182,8 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
                 **(extra_tags or {})}
         run_name = f"{cfg.model.name}-{datamodule.name}-fold{datamodule.split.fold}"
         with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            (checkpoint_dir / "mlflow_run.json").write_text(json.dumps(
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / RUN_MARKER).write_text(json.dumps(
                 {"run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}))
             tracking.log_params(tracking.flatten_config(cfg))
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
@@ -246,6 +251,10 @@ def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                  "test_metrics": result.get("test", {})},
     }, datamodule.stats)
     result["model_dir"] = str(model_dir)
+    tta = int(cfg.model.get("tta_views") or 1)
+    if tta > 1 and "test" in result:
+        result["test_tta"] = evaluate_with_tta(model_dir, datamodule, tta)
+        mlflow.log_metrics({f"test_tta/{k}": v for k, v in result["test_tta"].items()})
     if mlflow_cfg.get("log_model", True):
         from ser_pipeline.packaging import log_pyfunc_model
 
@@ -256,6 +265,23 @@ def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                 info.model_uri, mlflow_cfg.registered_model_name, "val_uar",
                 module.best_val_uar, mlflow_cfg.get("champion_alias"))
             result["registered"] = f"models:/{version.name}/{version.version}"
+
+
+def evaluate_with_tta(model_dir: Path, datamodule: SERDataModule, views: int) -> dict[str, float]:
+    """Test metrics with test-time augmentation, through the inference path (``Predictor``)."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    from ser_pipeline.audio import read_audio
+    from ser_pipeline.inference import Predictor
+
+    predictor = Predictor.from_dir(model_dir, tta_views=views)
+    rows = datamodule.datasets["test"].rows
+    predicted = [predictor.predict_waveform(read_audio(p, predictor.sample_rate))["emotion"]
+                 for p in rows["path"]]
+    truth = rows["emotion"].tolist()
+    return {"uar": recall_score(truth, predicted, average="macro", zero_division=0),
+            "wa": accuracy_score(truth, predicted),
+            "f1": f1_score(truth, predicted, average="macro", zero_division=0)}
 
 
 def print_summary(result: dict[str, Any]) -> None:

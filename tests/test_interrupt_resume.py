@@ -1,0 +1,82 @@
+"""Interrupted runs keep their checkpoints and logs; resumed and repeated runs are exact."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.e2e import FAST, REPO, project_env, run_script, store_uri
+
+pytestmark = pytest.mark.slow
+
+QUICK = [*FAST, "logger.mlflow.log_model=false", "callbacks.early_stopping.patience=100"]
+
+
+def runs_of(root: Path):
+    client = MlflowClient(tracking_uri=store_uri(root))
+    experiment = client.get_experiment_by_name("ser-pipeline")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def train_ok(root: Path, *overrides: str):
+    result = run_script("train.py", [*QUICK, *overrides], root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return runs_of(root)[-1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 4-epoch run with seed 0."""
+    root = tmp_path_factory.mktemp("reference")
+    return train_ok(root, "trainer.max_epochs=4", "seed=0")
+
+
+def interrupt_after_first_checkpoint(root: Path, sig: signal.Signals) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *QUICK, "trainer.max_epochs=400", "seed=0"],
+        cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.monotonic() + 300
+    while not list(root.glob("outputs/**/checkpoints/last.ckpt")):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)  # polling for the checkpoint file
+    process.send_signal(sig)
+    process.communicate(timeout=120)
+    return process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_marks_run_killed_and_keeps_checkpoints(tmp_path, sig):
+    process = interrupt_after_first_checkpoint(tmp_path, sig)
+    assert process.returncode != 0
+    [run] = runs_of(tmp_path)
+    assert run.info.status == "KILLED"
+    assert "val/uar" in run.data.metrics  # what was logged before the signal is kept
+    checkpoints = {p.name for p in tmp_path.glob("outputs/**/checkpoints/*.ckpt")}
+    assert "last.ckpt" in checkpoints and "interrupted.ckpt" in checkpoints
+
+
+def test_resume_after_sigterm_matches_the_uninterrupted_run(tmp_path, reference):
+    interrupt_after_first_checkpoint(tmp_path, signal.SIGTERM)
+    [killed] = runs_of(tmp_path)
+    last = next(tmp_path.glob("outputs/**/checkpoints/last.ckpt"))
+    resumed = train_ok(tmp_path, "trainer.max_epochs=4", "seed=0", f"ckpt_path={last}")
+    assert resumed.info.run_id != killed.info.run_id
+    assert resumed.data.tags["resumed_from_run"] == killed.info.run_id
+    for metric in ("test/uar", "test/loss", "test/wa"):
+        assert resumed.data.metrics[metric] == reference.data.metrics[metric], metric
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_differs(tmp_path, reference):
+    again = train_ok(tmp_path, "trainer.max_epochs=4", "seed=0")
+    other = train_ok(tmp_path, "trainer.max_epochs=4", "seed=1")
+    for metric in ("test/loss", "test/uar", "val/loss", "train/loss"):
+        assert again.data.metrics[metric] == reference.data.metrics[metric], metric
+    assert other.data.metrics["test/loss"] != reference.data.metrics["test/loss"]
