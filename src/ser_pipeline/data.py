@@ -136,6 +136,12 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def class_balanced_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-item sampling weights ``(n,)`` that make every class equally likely."""
+    counts = labels.bincount(minlength=n_classes).float()
+    return (1.0 / counts.clamp_min(1))[labels]
+
+
 class EpochShuffleSampler(Sampler[int]):
     """Random order that depends only on (seed, epoch).
 
@@ -291,8 +297,7 @@ class SERDataModule(pl.LightningDataModule):
         if part == "train":
             weights = None
             if self.balanced_sampling:  # each class drawn equally often (DCNN-BLSTMwA recipe)
-                counts = dataset.emotion.bincount(minlength=len(self.classes)).float()
-                weights = (1.0 / counts.clamp_min(1))[dataset.emotion]
+                weights = class_balanced_weights(dataset.emotion, len(self.classes))
             sampler = EpochShuffleSampler(len(dataset), self.seed, weights)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate,

@@ -1,0 +1,250 @@
+"""Corpus readers: each real layout -> a manifest with canonical labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ser_pipeline.corpora import (
+    EMOTIONS,
+    MANIFEST_COLUMNS,
+    CorpusNotFoundError,
+    make_manifest,
+    read_cremad,
+    read_emodb,
+    read_iemocap,
+    read_ravdess,
+    select_classes,
+    validate_manifest,
+)
+from tests.corpus_trees import (
+    CREMAD_FILES,
+    EMODB_FILES,
+    IEMOCAP_EXPECTED,
+    IEMOCAP_MISSING_WAV,
+    IEMOCAP_NO_AGREEMENT,
+    IEMOCAP_UNLABELLED,
+    RAVDESS_SPEECH,
+    build_cremad_tree,
+    build_emodb_tree,
+    build_iemocap_tree,
+    build_ravdess_tree,
+    write_tiny_wav,
+)
+
+REAL_EMODB = Path("/work/shared/datasets/emodb")
+READERS = {
+    "emodb": (read_emodb, build_emodb_tree),
+    "ravdess": (read_ravdess, build_ravdess_tree),
+    "iemocap": (read_iemocap, build_iemocap_tree),
+    "cremad": (read_cremad, build_cremad_tree),
+}
+
+
+def _labels(manifest: pd.DataFrame, *columns: str) -> dict[str, tuple]:
+    """id -> tuple of ``columns``, with missing values as None."""
+    rows = manifest.set_index("id")[list(columns)].astype(object)
+    rows = rows.where(rows.notna(), None)
+    return {uid: tuple(values) for uid, values in zip(rows.index, rows.values, strict=True)}
+
+
+# --------------------------------------------------------------------------- all readers
+
+
+@pytest.mark.parametrize("corpus", sorted(READERS))
+def test_reader_returns_a_valid_sorted_manifest_with_absolute_existing_paths(corpus, tmp_path):
+    read, build = READERS[corpus]
+    manifest = read(build(tmp_path / corpus))
+    validate_manifest(manifest)
+    assert list(manifest.columns[: len(MANIFEST_COLUMNS)]) == list(MANIFEST_COLUMNS)
+    assert manifest["id"].tolist() == sorted(manifest["id"])
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in manifest["path"])
+    assert set(manifest["emotion"]) <= set(EMOTIONS)
+    assert set(manifest["corpus"]) == {corpus}
+
+
+@pytest.mark.parametrize("corpus", sorted(READERS))
+def test_reader_accepts_a_relative_root_and_returns_absolute_paths(corpus, tmp_path, monkeypatch):
+    read, build = READERS[corpus]
+    build(tmp_path / corpus)
+    monkeypatch.chdir(tmp_path)
+    manifest = read(corpus)
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in manifest["path"])
+
+
+@pytest.mark.parametrize("corpus", sorted(READERS))
+def test_missing_root_raises_corpus_not_found_naming_layout_and_override(corpus, tmp_path):
+    read, _ = READERS[corpus]
+    with pytest.raises(CorpusNotFoundError) as error:
+        read(tmp_path / "nowhere")
+    message = str(error.value)
+    assert "Expected layout: root/" in message
+    assert "data.root=" in message
+    assert str(tmp_path / "nowhere") in message
+
+
+@pytest.mark.parametrize("corpus", sorted(READERS))
+def test_root_with_another_layout_raises_corpus_not_found(corpus, tmp_path):
+    read, _ = READERS[corpus]
+    write_tiny_wav(tmp_path / "some" / "other" / "clip.wav")
+    with pytest.raises(CorpusNotFoundError, match="data.root="):
+        read(tmp_path)
+
+
+@pytest.mark.parametrize("corpus", sorted(READERS))
+def test_reader_is_deterministic(corpus, tmp_path):
+    read, build = READERS[corpus]
+    root = build(tmp_path / corpus)
+    pd.testing.assert_frame_equal(read(root), read(root))
+
+
+# --------------------------------------------------------------------------- EMO-DB
+
+
+def test_emodb_maps_letters_speakers_and_sex(tmp_path):
+    manifest = read_emodb(build_emodb_tree(tmp_path))
+    expected = {name[:-4]: labels for name, labels in EMODB_FILES.items()}
+    assert _labels(manifest, "emotion", "speaker", "gender") == expected
+
+
+def test_emodb_ignores_files_outside_the_naming_scheme_and_has_no_dimensions(tmp_path):
+    manifest = read_emodb(build_emodb_tree(tmp_path))
+    assert len(manifest) == len(EMODB_FILES)
+    assert manifest[["valence", "arousal", "dominance"]].isna().all().all()
+    assert manifest.set_index("id").loc["03a01Wa", "text"] == "a01"
+
+
+@pytest.mark.skipif(not (REAL_EMODB / "wav").is_dir(), reason="real EMO-DB not available")
+def test_real_emodb_has_535_utterances_of_10_speakers_with_published_counts():
+    manifest = read_emodb(REAL_EMODB)
+    assert len(manifest) == 535
+    assert manifest["speaker"].nunique() == 10
+    assert manifest["emotion"].value_counts().to_dict() == {
+        "anger": 127,
+        "boredom": 81,
+        "neutral": 79,
+        "happiness": 71,
+        "fear": 69,
+        "sadness": 62,
+        "disgust": 46,
+    }
+    assert manifest["gender"].notna().all()
+
+
+# --------------------------------------------------------------------------- RAVDESS
+
+
+def test_ravdess_keeps_speech_only_with_actor_speakers_and_intensity(tmp_path):
+    manifest = read_ravdess(build_ravdess_tree(tmp_path))
+    expected = {name[:-4]: labels for name, labels in RAVDESS_SPEECH.items()}
+    assert _labels(manifest, "emotion", "speaker", "gender", "intensity") == expected
+
+
+def test_ravdess_records_the_statement(tmp_path):
+    manifest = read_ravdess(build_ravdess_tree(tmp_path)).set_index("id")
+    assert manifest.loc["03-01-05-02-02-01-01", "statement"] == "02"
+
+
+# --------------------------------------------------------------------------- IEMOCAP
+
+
+def test_iemocap_lists_utterances_with_both_label_and_wav(tmp_path):
+    manifest = read_iemocap(build_iemocap_tree(tmp_path))
+    assert sorted(manifest["id"]) == sorted(IEMOCAP_EXPECTED)
+    assert IEMOCAP_UNLABELLED not in set(manifest["id"])
+    assert IEMOCAP_MISSING_WAV not in set(manifest["id"])
+
+
+def test_iemocap_drops_turns_without_agreement(tmp_path):
+    manifest = read_iemocap(build_iemocap_tree(tmp_path))
+    assert IEMOCAP_NO_AGREEMENT not in set(manifest["id"])
+
+
+def test_iemocap_maps_categories_and_takes_the_speaker_from_the_turn(tmp_path):
+    manifest = read_iemocap(build_iemocap_tree(tmp_path))
+    expected = {uid: labels[:4] for uid, labels in IEMOCAP_EXPECTED.items()}
+    assert _labels(manifest, "emotion", "speaker", "gender", "session") == expected
+
+
+def test_iemocap_keeps_raw_valence_arousal_dominance(tmp_path):
+    manifest = read_iemocap(build_iemocap_tree(tmp_path))
+    expected = {uid: labels[4] for uid, labels in IEMOCAP_EXPECTED.items()}
+    assert _labels(manifest, "valence", "arousal", "dominance") == expected
+
+
+def test_iemocap_records_the_dialog(tmp_path):
+    manifest = read_iemocap(build_iemocap_tree(tmp_path)).set_index("id")
+    assert manifest.loc["Ses02M_script01_1_F000", "dialog"] == "Ses02M_script01_1"
+
+
+# --------------------------------------------------------------------------- CREMA-D
+
+
+def test_cremad_takes_sex_from_the_demographics_and_maps_levels(tmp_path):
+    manifest = read_cremad(build_cremad_tree(tmp_path))
+    expected = {name[:-4]: labels for name, labels in CREMAD_FILES.items()}
+    assert _labels(manifest, "emotion", "speaker", "gender", "level") == expected
+
+
+def test_cremad_without_demographics_raises_naming_the_csv(tmp_path):
+    with pytest.raises(CorpusNotFoundError, match="VideoDemographics.csv is missing"):
+        read_cremad(build_cremad_tree(tmp_path, demographics=False))
+
+
+# --------------------------------------------------------------------------- select_classes
+
+
+@pytest.fixture
+def iemocap_like() -> pd.DataFrame:
+    emotions = ["anger"] * 3 + ["happiness"] * 2 + ["excitement"] * 4 + ["sadness"]
+    emotions += ["neutral"] * 2 + ["frustration"] * 5 + ["other"]
+    rows = [
+        {"id": f"u{i:02d}", "path": f"/x/u{i:02d}.wav", "emotion": e, "speaker": "s", "corpus": "c"}
+        for i, e in enumerate(emotions)
+    ]
+    return make_manifest(rows)
+
+
+def test_select_classes_merges_via_label_map_before_filtering(iemocap_like):
+    selected, _ = select_classes(
+        iemocap_like, ["anger", "happiness", "neutral", "sadness"], {"excitement": "happiness"}
+    )
+    assert selected["emotion"].value_counts().to_dict() == {
+        "happiness": 6,
+        "anger": 3,
+        "neutral": 2,
+        "sadness": 1,
+    }
+
+
+def test_select_classes_counts_dropped_rows_per_original_emotion(iemocap_like):
+    _, dropped = select_classes(
+        iemocap_like, ["anger", "happiness", "neutral", "sadness"], {"excitement": "happiness"}
+    )
+    assert dropped == {"frustration": 5, "other": 1}
+
+
+def test_select_classes_without_label_map_drops_unlisted_emotions(iemocap_like):
+    selected, dropped = select_classes(iemocap_like, ["anger", "happiness"], None)
+    assert set(selected["emotion"]) == {"anger", "happiness"}
+    assert len(selected) == 5
+    assert dropped["excitement"] == 4
+
+
+def test_select_classes_keeps_columns_and_returns_a_fresh_index(iemocap_like):
+    selected, _ = select_classes(iemocap_like, ["sadness", "neutral"], None)
+    assert list(selected.columns) == list(iemocap_like.columns)
+    assert selected.index.tolist() == [0, 1, 2]
+
+
+def test_select_classes_does_not_modify_its_input(iemocap_like):
+    before = iemocap_like.copy()
+    select_classes(iemocap_like, ["happiness"], {"excitement": "happiness"})
+    pd.testing.assert_frame_equal(iemocap_like, before)
+
+
+def test_select_classes_rejects_a_class_without_utterances(iemocap_like):
+    with pytest.raises(ValueError, match="boredom"):
+        select_classes(iemocap_like, ["anger", "boredom"], None)
