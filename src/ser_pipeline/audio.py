@@ -16,6 +16,13 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+#: Header rates outside this range are corrupt or not audio: refused before decoding, since a
+#: tiny file claiming 1 Hz would be resampled into gigabytes.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
+#: Float samples are nominally within [-1, 1]; far beyond this the power spectrum overflows
+#: float32 (about 1e19) and features turn infinite, so such files are refused as not audio.
+MAX_ABS_SAMPLE = 1e6
+
 
 class AudioError(Exception):
     """A file that cannot be used as speech audio; ``reason`` says why in a few words."""
@@ -35,9 +42,13 @@ def _open(path: Path) -> sf.SoundFile:
     if path.stat().st_size == 0:
         raise AudioError(path, "empty file (0 bytes)")
     try:
-        return sf.SoundFile(path)
+        handle = sf.SoundFile(path)
     except (sf.LibsndfileError, RuntimeError, TypeError) as error:
         raise AudioError(path, f"not a readable audio file ({error})") from error
+    if not MIN_SAMPLE_RATE <= handle.samplerate <= MAX_SAMPLE_RATE:
+        handle.close()
+        raise AudioError(path, f"implausible sample rate {handle.samplerate} Hz (corrupt header?)")
+    return handle
 
 
 def _to_mono_float(block: np.ndarray, path: Path) -> torch.Tensor:
@@ -45,6 +56,8 @@ def _to_mono_float(block: np.ndarray, path: Path) -> torch.Tensor:
     mono = block.mean(axis=1, dtype=np.float64) if block.ndim == 2 else block.astype(np.float64)
     if not np.isfinite(mono).all():
         raise AudioError(path, "contains NaN or infinite samples")
+    if mono.size and np.abs(mono).max() > MAX_ABS_SAMPLE:
+        raise AudioError(path, f"samples far outside [-1, 1] (peak {np.abs(mono).max():.3g})")
     return torch.from_numpy(mono.astype(np.float32))
 
 
@@ -99,3 +112,45 @@ def iter_audio_blocks(
         for block in handle.blocks(blocksize=max(1, int(block_seconds * rate)), dtype="float32",
                                    always_2d=True):
             yield resample(_to_mono_float(block, path), rate, sample_rate)
+
+
+def read_audio_segment(
+    path: str | Path, sample_rate: int, start_s: float, end_s: float
+) -> torch.Tensor:
+    """Seconds ``[start_s, end_s)`` of ``path`` as mono float32 ``(time,)`` at ``sample_rate``.
+
+    Seeks instead of decoding the whole file; down-mixing and resampling are those
+    of :func:`read_audio`, so a cut utterance reaches a model exactly as in training.
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        rate = handle.samplerate
+        first = max(0, int(round(start_s * rate)))
+        count = max(0, min(handle.frames, int(round(end_s * rate))) - first)
+        try:
+            handle.seek(first)
+            block = handle.read(count, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as error:
+            raise AudioError(path, f"cannot decode audio ({error})") from error
+    if block.shape[0] < 2:
+        raise AudioError(path, f"too short between {start_s:.2f} s and {end_s:.2f} s")
+    return resample(_to_mono_float(block, path), rate, sample_rate)
+
+
+def decode_audio_bytes(data: bytes, sample_rate: int, name: str = "<audio bytes>") -> torch.Tensor:
+    """The bytes of an audio file -> mono float32 ``(time,)`` at ``sample_rate``.
+
+    For audio that arrives over the network (the MLflow model server); down-mixing,
+    checks and resampling are those of :func:`read_audio`.
+    """
+    import io
+
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as handle:
+            rate = handle.samplerate
+            block = handle.read(dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise AudioError(name, f"not a readable audio file ({error})") from error
+    if block.shape[0] < 2:
+        raise AudioError(name, f"too short ({block.shape[0]} samples)")
+    return resample(_to_mono_float(block, Path(name)), rate, sample_rate)

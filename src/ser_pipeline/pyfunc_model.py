@@ -14,7 +14,6 @@ reads, base64-encoded). Output: one row per input with ``emotion``, ``gender``,
 from __future__ import annotations
 
 import base64
-import io
 
 import mlflow.pyfunc
 import pandas as pd
@@ -28,19 +27,13 @@ class SERPyfuncModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_dir(context.artifacts["model_dir"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        import soundfile as sf
-        import torch
-
-        from ser_pipeline.audio import read_audio, resample
+        from ser_pipeline.audio import decode_audio_bytes, read_audio
 
         rows = []
         for _, item in model_input.iterrows():
             path, encoded = item.get("path"), item.get("audio_base64")
             if isinstance(encoded, str) and encoded:
-                data, rate = sf.read(io.BytesIO(base64.b64decode(encoded)), dtype="float32",
-                                     always_2d=True)
-                wave = resample(torch.from_numpy(data.mean(axis=1)), rate,
-                                self.predictor.sample_rate)
+                wave = decode_audio_bytes(base64.b64decode(encoded), self.predictor.sample_rate)
             elif isinstance(path, str) and path:
                 wave = read_audio(path, self.predictor.sample_rate)
             else:
