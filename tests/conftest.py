@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ser_pipeline.artifact import save_model_dir
-from ser_pipeline.data import FeatureStats
 from ser_pipeline.features import LogMelFeatures
+from ser_pipeline.features.batching import FeatureStats
 from ser_pipeline.models import CnnBlstmAttn
 
 TINY_CLASSES = ["anger", "happiness", "neutral", "sadness"]

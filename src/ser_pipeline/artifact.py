@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ser_pipeline.data import FeatureStats
 from ser_pipeline.features import build_features
+from ser_pipeline.features.batching import FeatureStats
 
 FORMAT_VERSION = 1
 SPEC_FILE = "model.yaml"
@@ -126,19 +126,34 @@ def read_spec(directory: str | Path) -> ModelSpec:
         raise UnsafeArtifactError(
             f"{directory / SPEC_FILE}: architecture {raw.get('architecture')!r} is not one of "
             f"{sorted(_architectures())}")
-    return ModelSpec(**raw)
+    if not isinstance(raw.get("kwargs"), dict) or not isinstance(raw.get("features"), dict):
+        raise UnsafeArtifactError(f"{directory / SPEC_FILE}: kwargs and features must be mappings")
+    try:
+        return ModelSpec(**raw)
+    except TypeError as error:  # missing or unknown fields: not a file we wrote
+        raise UnsafeArtifactError(f"{directory / SPEC_FILE}: {error}") from error
 
 
 def load_model_dir(directory: str | Path) -> LoadedModel:
     """Rebuild network, feature extractor and statistics from a model directory (eval mode)."""
     directory = Path(directory)
     spec = read_spec(directory)
-    net = _architectures()[spec.architecture](**spec.kwargs)
+    try:
+        net = _architectures()[spec.architecture](**spec.kwargs)
+        extractor = build_features(spec.features)
+    except (TypeError, ValueError, KeyError) as error:
+        raise UnsafeArtifactError(
+            f"{directory / SPEC_FILE}: cannot rebuild the model from it ({error})") from error
     state = _load_tensors(_inside(directory, WEIGHTS_FILE))
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
         raise UnsafeArtifactError(f"weights do not fit {spec.architecture}: {error}") from error
     stats_tensors = _load_tensors(_inside(directory, STATS_FILE))
+    shape = (extractor.out_channels, extractor.n_features, 1)
+    if any(tuple(stats_tensors.get(k, torch.empty(0)).shape) != shape
+           for k in ("feature_mean", "feature_std")):
+        raise UnsafeArtifactError(
+            f"{directory / STATS_FILE} must hold feature_mean and feature_std of shape {shape}")
     stats = FeatureStats(stats_tensors["feature_mean"], stats_tensors["feature_std"])
-    return LoadedModel(spec, net.eval(), build_features(spec.features).eval(), stats)
+    return LoadedModel(spec, net.eval(), extractor.eval(), stats)

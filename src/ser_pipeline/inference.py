@@ -14,7 +14,7 @@ import torch
 
 from ser_pipeline.artifact import LoadedModel, load_model_dir
 from ser_pipeline.audio import read_audio
-from ser_pipeline.data import pad_batch
+from ser_pipeline.features.batching import pad_batch
 
 
 class Predictor:

@@ -14,6 +14,17 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+#: what serving the model imports; listed explicitly because MLflow's automatic
+#: inference of requirements runs the model in a subprocess (~30 s per logged model)
+SERVING_PACKAGES = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "soundfile",
+                    "safetensors", "pyyaml", "scipy")
+
+
+def serving_requirements() -> list[str]:
+    """Pinned requirements of the serving environment (the package itself ships as code)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in SERVING_PACKAGES]
 
 
 def example_input(sample_rate: int) -> pd.DataFrame:
@@ -47,4 +58,7 @@ def log_pyfunc_model(model_dir: str | Path, name: str = "model"):
         artifacts={"model_dir": str(model_dir)},
         signature=signature,
         input_example=example,
+        pip_requirements=serving_requirements(),
+        # the package travels with the model, so serving needs only the pinned packages
+        code_paths=[str(Path(__file__).parent)],
     )

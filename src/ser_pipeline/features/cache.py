@@ -24,6 +24,19 @@ from tqdm.auto import tqdm
 from ser_pipeline.audio import AudioError
 
 
+class CacheWriteError(OSError):
+    """The cache could not store something (disk full, file size limit, read-only disk).
+
+    Nothing partial is left behind: a later ``get`` finds no entry or a complete one.
+    """
+
+    def __init__(self, folder: Path, error: BaseException) -> None:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        super().__init__(
+            f"cannot write to the feature cache {folder} ({reason}); free disk space, point "
+            "paths.cache_dir elsewhere or run without the cache (data.cache_dir=null)")
+
+
 def config_digest(config: dict) -> str:
     """Stable short hash of a JSON-able config."""
     text = json.dumps(config, sort_keys=True, default=str)
@@ -48,10 +61,14 @@ class FeatureCache:
 
     def __init__(self, root: str | Path, extractor_config: dict) -> None:
         self.folder = Path(root) / config_digest(extractor_config)
-        self.folder.mkdir(parents=True, exist_ok=True)
         config_file = self.folder / "config.json"
-        if not config_file.exists():
-            _atomic_write_text(config_file, json.dumps(extractor_config, sort_keys=True, indent=1))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not config_file.exists():
+                _atomic_write_text(config_file,
+                                   json.dumps(extractor_config, sort_keys=True, indent=1))
+        except OSError as error:
+            raise CacheWriteError(self.folder, error) from error
         self.hits = 0
         self.misses = 0
 
@@ -75,22 +92,30 @@ class FeatureCache:
 
     def put(self, content_digest: str, tensor: torch.Tensor) -> None:
         path = self.entry(content_digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensor = tensor.detach().to("cpu", torch.float32).contiguous()
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-",
+                                           suffix=".safetensors")
+            os.close(handle)
             save_file({"features": tensor}, tmp, metadata={"blake2b": _tensor_digest(tensor)})
             os.replace(tmp, path)
+        except (OSError, SafetensorError) as error:  # safetensors reports ENOSPC as its own
+            raise CacheWriteError(self.folder, error) from error
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    finally:  # after a failed write (disk full) the half-written temp file must not stay
+        Path(tmp).unlink(missing_ok=True)
 
 
 def extract_features(

@@ -1,0 +1,196 @@
+"""Cross-validation: every fold of a speaker-independent split, one command.
+
+``python train.py data.fold=all`` calls :func:`cross_validate`: one MLflow parent
+run (tags ``protocol``, ``speaker_independent``, ``n_folds``) with one child run
+per fold (each a normal :func:`ser_pipeline.training.train` run in
+``<output_dir>/fold<k>``), and on the parent the fold metrics, their mean and
+standard deviation (``cv/uar_mean``, ``cv/uar_std``, ... for UAR, WA, macro-F1 and
+the best validation UAR) and the test confusion matrix summed over folds.
+
+The corpus is read once and handed to every fold; features come from the
+on-disk cache after the first fold, so folds after the first skip extraction.
+Fold models are logged but not registered: they are evaluation by-products,
+not candidates for the model registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ser_pipeline import tracking
+from ser_pipeline.data import SERDataModule
+from ser_pipeline.splits import count_folds
+
+log = logging.getLogger(__name__)
+
+#: metrics averaged over folds: name in the summary -> key in a fold's test results
+FOLD_METRICS = ("uar", "wa", "f1", "val_uar")
+
+#: ``fold_callbacks(fold)`` -> extra Lightning callbacks for that fold (e.g. Optuna pruning)
+FoldCallbacks = Callable[[int], list[pl.Callback]]
+#: ``stop_after_fold(fold, fold_summary)`` -> True to skip the remaining folds
+StopAfterFold = Callable[[int, dict[str, Any]], bool]
+
+
+def _datamodule(cfg: DictConfig, manifest: pd.DataFrame) -> SERDataModule:
+    """The configured data module, reading ``manifest`` instead of the corpus folder."""
+    return instantiate(cfg.data, features=instantiate(cfg.feature),
+                       reader=lambda root: manifest.copy(), _convert_="partial")
+
+
+def fold_config(cfg: DictConfig, fold: int, output_dir: Path) -> DictConfig:
+    """``cfg`` for one fold: ``data.fold=<fold>``, its own output folder, no registration."""
+    fold_cfg = copy.deepcopy(cfg)
+    OmegaConf.update(fold_cfg, "data.fold", fold)
+    OmegaConf.update(fold_cfg, "paths.output_dir", str(output_dir / f"fold{fold}"))
+    if OmegaConf.select(fold_cfg, "logger.mlflow.register") is not None:
+        OmegaConf.update(fold_cfg, "logger.mlflow.register", False)
+    return fold_cfg
+
+
+def summarise_folds(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation (ddof=1; 0 for one fold) of each fold metric."""
+    mean, std = {}, {}
+    for name in FOLD_METRICS:
+        values = np.array([fold[name] for fold in folds], dtype=float)
+        mean[name] = float(values.mean())
+        std[name] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std}
+
+
+def cross_validate(
+    cfg: DictConfig,
+    parent_run_id: str | None = None,
+    fold_callbacks: FoldCallbacks | None = None,
+    stop_after_fold: StopAfterFold | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train and test every fold of ``cfg.data.split``; returns the aggregate.
+
+    Returns ``{"run_id", "protocol", "n_folds", "classes", "complete", "folds": [{"fold",
+    "run_id", "test_speakers", "uar", "wa", "f1", "val_uar", "epochs"}, ...], "mean": {...},
+    "std": {...}, "confusion": counts summed over folds (n_classes x n_classes)}``.
+    ``parent_run_id`` nests the cross-validation run (an Optuna trial, say) and
+    ``stop_after_fold`` may end it early (``complete`` is then False).
+    """
+    from ser_pipeline.training import setup_tracking, sweep_tags
+
+    if not cfg.get("test", True):
+        raise ValueError("cross-validation needs test=true: it aggregates each fold's test metrics")
+    experiment_id = setup_tracking(cfg)
+    reader = instantiate(cfg.data.reader)
+    manifest = reader(cfg.data.root)
+    # class selection and label merging as each fold will see them, to count its folds
+    selected = _datamodule(cfg, manifest).load_manifest()
+    protocol = str(cfg.data.split)
+    n_folds = count_folds(selected, protocol, cfg.data.group_by, cfg.data.n_folds)
+    output_dir = Path(cfg.paths.output_dir)
+    speaker_independent = protocol != "random"
+    if not speaker_independent:
+        log.warning("cross-validating the SPEAKER-DEPENDENT split '%s'", protocol)
+    log.info("cross-validation: %d folds of '%s' on %s", n_folds, protocol, cfg.data.name)
+
+    tags = {
+        **tracking.git_state(Path(cfg.paths.root_dir).resolve()),
+        "corpus": str(cfg.data.name),
+        "model": str(cfg.model.name),
+        "cross_validation": "true",
+        "protocol": protocol,
+        "split_protocol": protocol,
+        "speaker_independent": str(speaker_independent).lower(),
+        "n_folds": str(n_folds),
+        **sweep_tags(),
+        **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
+        **(extra_tags or {}),
+    }
+    if experiment_id is None:
+        summary = _run_folds(cfg, manifest, n_folds, output_dir, None, fold_callbacks,
+                             stop_after_fold)
+    else:
+        run_name = f"{cfg.model.name}-{cfg.data.name}-cv{n_folds}"
+        with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
+            tracking.log_params(tracking.flatten_config(cfg))
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
+            summary = _run_folds(cfg, manifest, n_folds, output_dir, run.info.run_id,
+                                 fold_callbacks, stop_after_fold)
+            _log_summary(summary)
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
+               run_id: str | None, fold_callbacks: FoldCallbacks | None,
+               stop_after_fold: StopAfterFold | None) -> dict[str, Any]:
+    from ser_pipeline.training import train
+
+    folds: list[dict[str, Any]] = []
+    confusion: np.ndarray | None = None
+    classes: list[str] = list(cfg.data.classes)
+    for fold in range(n_folds):
+        fold_cfg = fold_config(cfg, fold, output_dir)
+        datamodule = _datamodule(fold_cfg, manifest)
+        result = train(fold_cfg, parent_run_id=run_id, datamodule=datamodule,
+                       extra_callbacks=fold_callbacks(fold) if fold_callbacks else None,
+                       extra_tags={"cv_fold": str(fold)})
+        test = result["test"]
+        folds.append({"fold": fold, "run_id": result.get("run_id"),
+                      "test_speakers": list(datamodule.split.test_speakers),
+                      "uar": test["uar"], "wa": test["wa"], "f1": test["f1"],
+                      "val_uar": result["best_val_uar"], "epochs": result["epochs"]})
+        classes = datamodule.classes
+        fold_confusion = np.asarray(result["module"].test_confusion.tolist(), dtype=np.int64)
+        confusion = fold_confusion if confusion is None else confusion + fold_confusion
+        log.info("fold %d/%d (test %s): UAR %.4f  WA %.4f  F1 %.4f", fold + 1, n_folds,
+                 ",".join(folds[-1]["test_speakers"]), test["uar"], test["wa"], test["f1"])
+        if run_id is not None:
+            mlflow.log_metrics({f"cv/fold_{name}": folds[-1][name] for name in FOLD_METRICS},
+                               step=fold)
+        if stop_after_fold is not None and stop_after_fold(fold, folds[-1]):
+            break
+    return {"run_id": run_id, "protocol": str(cfg.data.split), "n_folds": n_folds,
+            "classes": classes, "complete": len(folds) == n_folds, "folds": folds,
+            **summarise_folds(folds), "confusion": confusion.tolist()}
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    """Mean/std metrics, the summed confusion matrix and the per-fold table on the active run."""
+    metrics = {f"cv/{name}_{stat}": summary[stat][name]
+               for name in FOLD_METRICS for stat in ("mean", "std")}
+    metrics["cv/folds_run"] = len(summary["folds"])
+    mlflow.log_metrics(metrics)
+    mlflow.set_tag("cv_complete", str(summary["complete"]).lower())
+    mean, std = summary["mean"], summary["std"]
+    tracking.log_confusion(
+        np.asarray(summary["confusion"]), summary["classes"], "test_sum_over_folds",
+        f"test, summed over {len(summary['folds'])} folds of {summary['protocol']} "
+        f"(UAR {mean['uar']:.3f} ± {std['uar']:.3f})")
+    mlflow.log_dict({k: summary[k] for k in ("protocol", "n_folds", "complete", "folds",
+                                             "mean", "std")}, "cv/summary.json")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A fold table plus mean ± std lines, for the console."""
+    lines = ["", f"=== cross-validation: {summary['protocol']}, "
+                 f"{len(summary['folds'])}/{summary['n_folds']} folds ===",
+             "fold  test speakers         UAR     WA      F1      val UAR"]
+    for fold in summary["folds"]:
+        speakers = ",".join(fold["test_speakers"])[:20]
+        lines.append(f"{fold['fold']:>4}  {speakers:<20}  {fold['uar']:.4f}  {fold['wa']:.4f}  "
+                     f"{fold['f1']:.4f}  {fold['val_uar']:.4f}")
+    for name, label in (("uar", "UAR"), ("wa", "WA"), ("f1", "macro-F1"),
+                        ("val_uar", "val UAR")):
+        lines.append(f"{label + ':':<10}{summary['mean'][name]:.4f} ± {summary['std'][name]:.4f}")
+    if summary.get("run_id"):
+        lines.append(f"run id:   {summary['run_id']}")
+    return "\n".join(lines)
