@@ -93,6 +93,15 @@ def test_top_k_lists_the_k_best_emotions_in_order(tiny_model_dir, tmp_path, caps
     assert record["top_k"] == ranked[:2]
 
 
+def test_tta_averages_augmented_views_into_one_distribution(tiny_model_dir, tmp_path, capsys):
+    path = write_audio(tmp_path / "a.wav", short_speech())
+    _, [plain], _ = infer(capsys, "--model", str(tiny_model_dir), str(path))
+    _, [tta], _ = infer(capsys, "--model", str(tiny_model_dir), "--tta", "4", str(path))
+    assert sum(tta["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert tta["scores"] != plain["scores"]  # the noisy/shifted views moved the average
+    assert (tta["start_s"], tta["end_s"]) == (plain["start_s"], plain["end_s"])
+
+
 def test_missing_heads_are_null(tiny_model_dir, tmp_path, capsys):
     plain = model_variant(tiny_model_dir, tmp_path / "plain", has_gender=False,
                           has_dimensions=False)

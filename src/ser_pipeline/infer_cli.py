@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how many ranked emotions to show (default 3)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per utterance instead of a table")
+    parser.add_argument("--tta", type=_positive(int), default=1, metavar="N",
+                        help="test-time augmentation: average over N augmented copies "
+                             "(1 = off; the same views as training's model.tta_views)")
     parser.add_argument("--threads", type=_positive(int), metavar="N",
                         help="CPU threads for the model (default: PyTorch's choice); 1 is "
                         "often fastest for live speech on a busy machine")
@@ -347,7 +350,8 @@ def _segmenter_config(args: argparse.Namespace) -> SegmenterConfig:
 
 def _load_predictor(args: argparse.Namespace) -> Predictor | None:
     try:
-        return Predictor.from_dir(resolve_model(args.model, args.tracking_uri), top_k=args.top_k)
+        return Predictor.from_dir(resolve_model(args.model, args.tracking_uri), top_k=args.top_k,
+                                  tta_views=args.tta)
     except (ModelNotFoundError, UnsafeArtifactError) as error:
         _fail(str(error))
         return None
