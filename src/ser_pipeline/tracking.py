@@ -72,9 +72,43 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
             "sqlite:///path/mlflow.db or an http(s):// server")
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An inter-process lock (POSIX ``flock``) on ``path``; a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no local multi-process safety beyond the database's own
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Serialise the first connection of local processes to a ``sqlite:///`` store.
+
+    Why: MLflow (and Optuna) create and migrate their tables on first use; two
+    processes doing that at once on a fresh file break the schema ("duplicate
+    column", alembic errors). Other URIs pass through.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    with exclusive_lock(path.parent / f".{path.name}.lock"):
+        yield
+
+
 def get_or_create_experiment(name: str, artifact_root: str | Path | None) -> str:
     """Experiment id for ``name``; new local experiments keep artifacts under ``artifact_root``."""
-    experiment = mlflow.get_experiment_by_name(name)
+    with first_use_lock(mlflow.get_tracking_uri()):
+        experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None

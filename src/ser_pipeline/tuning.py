@@ -23,7 +23,6 @@ trial can be written as an experiment file that ``train.py`` reproduces.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import json
@@ -34,7 +33,6 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,41 +218,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 # -- storage -----------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """An inter-process lock (POSIX ``flock``) on ``path``; a no-op where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no local multi-process safety beyond the database's own
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def sqlite_path(url: str) -> Path | None:
     """The database file of a ``sqlite:///`` URL (None for other URLs)."""
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
-
-
-@contextlib.contextmanager
-def first_use_lock(url: str) -> Iterator[None]:
-    """Serialise the first connection to a SQLite store.
-
-    Why: Optuna and MLflow both create their tables on first use, and two
-    processes doing so at once on a fresh file fail with "table already exists".
-    """
-    path = sqlite_path(url)
-    if path is None:
-        yield
-        return
-    with exclusive_lock(path.parent / f".{path.name}.lock"):
-        yield
 
 
 def open_storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = 180,
@@ -276,7 +242,7 @@ def open_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
         path.parent.mkdir(parents=True, exist_ok=True)
         # local workers share one file: wait for its write lock rather than fail after 5 s
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    with first_use_lock(url), warnings.catch_warnings():
+    with tracking.first_use_lock(url), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry_stale_trials)
                  if heartbeat_interval and retry_stale_trials > 0 else None)
@@ -642,9 +608,7 @@ def tune(cfg: DictConfig) -> float:
     experiment_id, parent_run_id = None, None
     mlflow_cfg = cfg.logger.get("mlflow") if cfg.get("logger") else None
     if mlflow_cfg is not None:
-        uri = tracking.resolve_tracking_uri(mlflow_cfg.get("tracking_uri"), cfg.paths.mlruns_dir)
-        with first_use_lock(uri):
-            experiment_id = setup_tracking(cfg)
+        experiment_id = setup_tracking(cfg)
         parent_run_id = study_parent_run(experiment_id, study, label, {
             "optuna_role": "study", "optuna_study": study.study_name, "optuna_storage": label,
             "optuna_metric": settings.metric, "optuna_sampler": str(settings.sampler),
@@ -655,15 +619,17 @@ def tune(cfg: DictConfig) -> float:
     context = TuneContext(cfg, params, base_overrides, groups, output_dir, settings.metric,
                           experiment_id, parent_run_id)
 
-    written = {"best": None}
+    best_written: int | None = None
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # the best configuration is on disk as soon as it is found, even if this worker dies
+        nonlocal best_written
         print(_progress_line(study, trial, settings.metric), flush=True)
         if parent_run_id is not None:
             log_study_state(parent_run_id, study, settings.metric)
         best = best_trial(study)
-        if best is not None and best.number != written["best"]:
-            written["best"] = best.number
+        if best is not None and best.number != best_written:
+            best_written = best.number
             write_best_experiment(study, context)
 
     callbacks = [after_trial]
@@ -683,7 +649,7 @@ def tune(cfg: DictConfig) -> float:
                            catch=(Exception,) if settings.catch_errors else (),
                            show_progress_bar=bool(settings.show_progress_bar))
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (Lightning exits after either)
         status = "KILLED"
         raise
     finally:

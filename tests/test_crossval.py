@@ -1,0 +1,117 @@
+"""Cross-validation (`train.py data.fold=all`): fold configs, aggregates, and a real 3-fold run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from ser_pipeline.crossval import fold_config, summarise_folds
+from ser_pipeline.splits import count_folds, make_split
+from tests.e2e import FAST, run_script, store_uri
+
+
+def test_fold_config_sets_fold_output_folder_and_keeps_fold_models_unregistered(tmp_path):
+    cfg = OmegaConf.create({"data": {"fold": "all"}, "paths": {"output_dir": str(tmp_path)},
+                            "logger": {"mlflow": {"register": True}}})
+    fold = fold_config(cfg, 2, tmp_path)
+    assert fold.data.fold == 2
+    assert fold.paths.output_dir == str(tmp_path / "fold2")
+    assert fold.logger.mlflow.register is False
+    assert cfg.data.fold == "all"  # the cross-validation config itself is untouched
+
+
+def test_fold_summary_is_mean_and_sample_std():
+    folds = [{"uar": 0.5, "wa": 0.6, "f1": 0.4, "val_uar": 0.55},
+             {"uar": 0.7, "wa": 0.8, "f1": 0.6, "val_uar": 0.65}]
+    summary = summarise_folds(folds)
+    assert summary["mean"]["uar"] == pytest.approx(0.6)
+    assert summary["std"]["uar"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert summarise_folds(folds[:1])["std"]["f1"] == 0.0
+
+
+def test_emodb_leave_two_speakers_out_has_five_mixed_gender_folds():
+    # EMO-DB's ten speakers: 03 10 11 12 15 male, 08 09 13 14 16 female
+    males, females = ["03", "10", "11", "12", "15"], ["08", "09", "13", "14", "16"]
+    rows = [{"id": f"{s}_{e}", "speaker": s, "gender": "male" if s in males else "female",
+             "emotion": e} for s in males + females for e in ("anger", "neutral")]
+    manifest = pd.DataFrame(rows)
+    assert count_folds(manifest, "ltso") == 5
+    tested = []
+    for fold in range(5):
+        split = make_split(manifest, "ltso", fold, val_speakers=2)
+        genders = {"male" if s in males else "female" for s in split.test_speakers}
+        assert len(split.test_speakers) == 2 and genders == {"male", "female"}
+        tested += split.test_speakers
+    assert sorted(tested) == sorted(males + females)
+
+
+@pytest.fixture(scope="module")
+def cross_validated(tmp_path_factory):
+    """`train.py data.fold=all` over 3 group folds of a 4-speaker synthetic corpus."""
+    root = tmp_path_factory.mktemp("project")
+    result = run_script("train.py", [*FAST, "data.fold=all", "data.split=group_kfold",
+                                     "data.n_folds=3", "trainer.limit_val_batches=1",
+                                     "logger.mlflow.log_model=false"], root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=store_uri(root))
+    experiment = client.get_experiment_by_name("ser-pipeline")
+    parent = client.search_runs([experiment.experiment_id], "tags.cross_validation = 'true'")[0]
+    folds = client.search_runs([experiment.experiment_id],
+                               f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return root, result, client, parent, sorted(folds, key=lambda r: int(r.data.tags["fold"]))
+
+
+@pytest.mark.slow
+def test_every_fold_is_a_finished_child_run(cross_validated):
+    _, _, _, parent, folds = cross_validated
+    assert parent.info.status == "FINISHED"
+    assert [run.data.tags["fold"] for run in folds] == ["0", "1", "2"]
+    assert all(run.info.status == "FINISHED" for run in folds)
+    tested = [set(run.data.tags["test_speakers"].split(",")) for run in folds]
+    assert set.union(*tested) == {"spk00", "spk01", "spk02", "spk03"}
+    assert sum(len(t) for t in tested) == 4  # each speaker tested exactly once
+
+
+@pytest.mark.slow
+def test_parent_run_is_tagged_with_the_protocol(cross_validated):
+    _, _, _, parent, _ = cross_validated
+    tags = parent.data.tags
+    assert (tags["protocol"], tags["speaker_independent"], tags["n_folds"]) == (
+        "group_kfold", "true", "3")
+
+
+@pytest.mark.slow
+def test_parent_logs_mean_and_std_of_the_fold_metrics(cross_validated):
+    _, _, _, parent, folds = cross_validated
+    for name in ("uar", "wa", "f1"):
+        values = [run.data.metrics[f"test/{name}"] for run in folds]
+        assert parent.data.metrics[f"cv/{name}_mean"] == pytest.approx(np.mean(values))
+        assert parent.data.metrics[f"cv/{name}_std"] == pytest.approx(np.std(values, ddof=1))
+
+
+@pytest.mark.slow
+def test_parent_logs_the_confusion_matrix_summed_over_folds(cross_validated):
+    root, _, client, parent, folds = cross_validated
+
+    def counts(run_id: str, name: str) -> np.ndarray:
+        path = client.download_artifacts(run_id, f"confusion/{name}.json", str(root))
+        return np.array(json.loads(Path(path).read_text())["counts"])
+
+    summed = counts(parent.info.run_id, "test_sum_over_folds")
+    assert (summed == sum(counts(run.info.run_id, "test") for run in folds)).all()
+    assert summed.sum() == 4 * 4 * 4  # every utterance of the corpus tested once
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "confusion")}
+    assert "confusion/test_sum_over_folds.png" in artifacts
+
+
+@pytest.mark.slow
+def test_console_shows_the_fold_table_and_mean_with_std(cross_validated):
+    _, result, _, parent, _ = cross_validated
+    assert "=== cross-validation: group_kfold, 3/3 folds ===" in result.stdout
+    assert f"UAR:      {parent.data.metrics['cv/uar_mean']:.4f} ± " in result.stdout
