@@ -26,6 +26,8 @@ FAST = [
 
 def project_env(root: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # as in an activated venv: tools such as `mlflow models serve` start uvicorn from PATH
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(SER_PIPELINE_ROOT=str(root), PYTHONUNBUFFERED="1", **extra)
     return env
 

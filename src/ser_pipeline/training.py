@@ -101,7 +101,7 @@ def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule,
 def _run_tags(cfg: DictConfig, datamodule: SERDataModule, root: Path) -> dict[str, str]:
     split = datamodule.split
     return {
-        **tracking.git_state(root),
+        **tracking.git_state(Path(__file__).resolve().parent),  # the code's checkout
         "corpus": datamodule.name,
         "model": str(cfg.model.name),
         "split_protocol": split.protocol,
