@@ -25,7 +25,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check src tests train.py tune.py infer.py
+	$(VENV)/bin/ruff check src tests bench train.py tune.py infer.py
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port 5000

@@ -1,0 +1,292 @@
+"""Benchmark results (``bench/results/*.json``) -> Markdown tables, and the README section.
+
+Nothing here is measured or typed in: every number comes from a result file written by
+``bench/accuracy.py``, ``features.py``, ``training_speed.py`` or ``inference.py``, and
+every accuracy line names the command that reproduces it. Targets of issue 7 are judged
+here from those files; a target without a result is "not measured", never "met".
+
+    python bench/report.py                    # print the section
+    python bench/report.py --write-readme     # replace it in README.md, between the markers
+    python bench/report.py --check            # exit 1 if README.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python bench/report.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    MODEL_FEATURES,
+    REPO,
+    RESULTS_DIR,
+    format_table,
+    load_label,
+    machine_label,
+    mean_std,
+)
+
+START_MARKER = "<!-- bench:start -->"
+END_MARKER = "<!-- bench:end -->"
+#: issue 7's targets
+TARGET_LOSO_UAR = 0.80
+TARGET_CV_SECONDS = 30 * 60
+TARGET_CV_CPUS = 2
+PROTOCOL_ORDER = ("loso", "ltso", "group_kfold", "random")
+
+
+def load_results(results_dir: Path) -> list[dict[str, Any]]:
+    """Every result file, each with ``source`` (its file name) added, in name order."""
+    results = []
+    for path in sorted(results_dir.glob("*.json")):
+        result = json.loads(path.read_text())
+        if "benchmark" in result:
+            results.append({**result, "source": path.name})
+    return results
+
+
+def of_kind(results: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for r in results if r["benchmark"] == kind]
+
+
+def default_model(conf_dir: Path = REPO / "conf") -> str:
+    """The model ``conf/train.yaml`` picks when none is named."""
+    from omegaconf import OmegaConf
+
+    for entry in OmegaConf.load(conf_dir / "train.yaml").defaults:
+        if not isinstance(entry, str) and "model" in entry:
+            return str(entry["model"])
+    raise ValueError("conf/train.yaml names no default model")
+
+
+def _model_rank(model: str) -> int:
+    order = list(MODEL_FEATURES)
+    return order.index(model) if model in order else len(order)
+
+
+def sorted_accuracy(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def key(r: dict[str, Any]) -> tuple:
+        protocol = r["protocol"]
+        rank = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else 99
+        return (r["corpus"], rank, _model_rank(r["model"]), r["model"], r["feature"])
+
+    return sorted(of_kind(results, "accuracy"), key=key)
+
+
+def accuracy_targets(results: list[dict[str, Any]], default: str) -> list[dict[str, Any]]:
+    """The two accuracy targets: best EMO-DB LOSO UAR; the default model's 10-fold CV time."""
+    loso = [r for r in of_kind(results, "accuracy")
+            if r["corpus"] == "emodb" and r["protocol"] == "loso" and r["complete"]]
+    targets = []
+    name = f"EMO-DB LOSO UAR >= {TARGET_LOSO_UAR:.2f} (best model)"
+    if loso:
+        best = max(loso, key=lambda r: r["mean"]["uar"])
+        uar = best["mean"]["uar"]
+        targets.append({"name": name, "value": f"{uar:.3f} ({best['model']})",
+                        "met": uar >= TARGET_LOSO_UAR, "source": best["source"]})
+    else:
+        targets.append({"name": name, "value": "-", "met": None, "source": "-"})
+    name = (f"EMO-DB LOSO cross-validation of the default model ({default}) within "
+            f"{TARGET_CV_SECONDS // 60} min on {TARGET_CV_CPUS} CPU cores")
+    runs = [r for r in loso if r["model"] == default]
+    if runs:
+        run = runs[0]
+        cpus = run["machine"].get("cpus_available")
+        threads = run.get("threads")
+        value = f"{run['wall_seconds'] / 60:.1f} min on {cpus} CPUs"
+        if threads:
+            value += f", {threads} threads"
+        met = run["wall_seconds"] <= TARGET_CV_SECONDS
+        if cpus != TARGET_CV_CPUS:  # a result on another machine does not settle it
+            value += f" (not {TARGET_CV_CPUS} cores: indicative only)"
+            met = None if met else False
+        targets.append({"name": name, "value": value, "met": met, "source": run["source"]})
+    else:
+        targets.append({"name": name, "value": "-", "met": None, "source": "-"})
+    return targets
+
+
+def recorded_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Targets the speed benchmarks judged themselves (features, microphone delay)."""
+    rows = []
+    for kind, unit in (("features", "x"), ("inference", " ms")):
+        found = of_kind(results, kind)
+        for result in found:
+            for target in result.get("targets", []):
+                threads = result.get("threads", {}).get("torch")
+                rows.append({"name": target["name"], "met": target["met"],
+                             "value": f"{target['value']}{unit} ({threads} thread(s), "
+                                      f"load {load_label(result['machine'])}/CPU)",
+                             "source": result["source"]})
+        if not found:
+            name = ("feature extraction >= 2x librosa's throughput at equal output"
+                    if kind == "features" else "microphone delay < 100 ms for a 3-s utterance")
+            rows.append({"name": name, "value": "-", "met": None, "source": "-"})
+    return rows
+
+
+def status(met: bool | None) -> str:
+    return "not measured" if met is None else ("met" if met else "**missed**")
+
+
+def accuracy_section(results: list[dict[str, Any]]) -> list[str]:
+    rows = sorted_accuracy(results)
+    lines = ["### Accuracy: speaker-independent cross-validation", ""]
+    if not rows:
+        return [*lines, "_No accuracy results yet: run `python bench/accuracy.py`._", ""]
+    table = [[str(i), r["corpus"], r["protocol"], r["model"], r["feature"],
+              f"{r['folds_run']}/{r['n_folds']}",
+              mean_std(r["mean"]["uar"], r["std"]["uar"]),
+              mean_std(r["mean"]["wa"], r["std"]["wa"]),
+              mean_std(r["mean"]["f1"], r["std"]["f1"]),
+              f"{r['epochs_mean']:.1f}", f"{r['wall_seconds'] / 60:.1f} min",
+              machine_label(r["machine"])] for i, r in enumerate(rows, 1)]
+    lines += [format_table(["#", "corpus", "protocol", "model", "feature", "folds", "UAR", "WA",
+                            "macro-F1", "epochs", "wall time", "machine"], table, markdown=True),
+              "", "UAR, WA and macro-F1 are mean ± standard deviation over the test folds; "
+              "epochs is the mean number trained per fold (early stopping on validation "
+              "speakers). Each line is reproduced by:", ""]
+    lines += [f"{i}. `{r['bench_command']}`  \n   (runs `{_short_train_command(r)}`)"
+              for i, r in enumerate(rows, 1)]
+    return [*lines, ""]
+
+
+def _short_train_command(result: dict[str, Any]) -> str:
+    """The train.py command without the bench's run-finding tag."""
+    return shlex.join(part for part in shlex.split(result["command"]) if "bench_id=" not in part)
+
+
+def targets_section(results: list[dict[str, Any]], default: str) -> list[str]:
+    rows = [*accuracy_targets(results, default), *recorded_targets(results)]
+    table = [[t["name"], t["value"], status(t["met"]), f"`{t['source']}`"] for t in rows]
+    return ["### Targets (issue 7)", "",
+            format_table(["target", "measured", "status", "result file"], table, markdown=True),
+            ""]
+
+
+def speed_sections(results: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    features = of_kind(results, "features")
+    if features:
+        table = []
+        for r in features:
+            paths, files = r["paths"], r["files"]
+            full, logmel = paths["full"], paths["log-mel"]
+            table.append([
+                str(r["threads"]["torch"]),
+                f"{files / full['ours']['best']:.0f}", f"{files / full['librosa']['best']:.0f}",
+                f"{r['speedup']['full']:.2f}x", f"{r['speedup']['log-mel']:.2f}x",
+                f"{r['speedup']['resample']:.2f}x",
+                f"{files / paths['cache hit']['ours']['best']:.0f}",
+                f"{logmel['max_abs_diff_db']:.1g}",
+                machine_label(r["machine"]), load_label(r["machine"])])
+        lines += ["### Feature extraction: ser_pipeline vs librosa (log-mel, same parameters)",
+                  "", format_table(["threads", "files/s ours", "files/s librosa", "speed-up",
+                                    "log-mel only", "resample only", "cache hit files/s",
+                                    "max diff dB", "machine", "load/CPU"], table,
+                                   markdown=True),
+                  "", "Files/s and speed-ups are for file -> log-mel (decode, resample to "
+                  "16 kHz, features) unless named; max diff is on identical input. "
+                  "Reproduce: " + ", ".join(f"`{r['command']}`" for r in features), ""]
+    training = of_kind(results, "training_speed")
+    if training:
+        table = [[row["model"], row["feature"], r["corpus"], str(row["threads"]["torch"]),
+                  f"{row['utterances_per_s']:.1f}",
+                  f"{row['epoch_s_measured'] or row['epoch_s_estimated']:.0f} s",
+                  f"{row['peak_rss_mb']:.0f}", machine_label(r["machine"]),
+                  load_label(r["machine"])] for r in training for row in r["rows"]]
+        lines += ["### Training throughput (CPU)", "",
+                  format_table(["model", "feature", "corpus", "threads", "utterances/s",
+                                "epoch (fold 0)", "peak RSS MiB", "machine", "load/CPU"],
+                               table, markdown=True),
+                  "", "Reproduce: " + ", ".join(f"`{r['command']}`" for r in training), ""]
+    inference = of_kind(results, "inference")
+    if inference:
+        table = []
+        for r in inference:
+            files, mic = r["files"], r["microphone"]
+            table.append([
+                r["model"], str(r["threads"]["torch"]), f"{r['load']['median']:.0f}",
+                f"{files['latency_ms']['median']:.0f}", f"{files['rtf_median']:.3f}",
+                f"{mic['delay_ms']['median']:.0f} (max {mic['delay_ms']['max']:.0f})",
+                f"{mic['vad_hangover_ms']:.0f}", machine_label(r["machine"]),
+                load_label(r["machine"])])
+        lines += ["### Inference", "",
+                  format_table(["model", "threads", "load ms", "file ms", "file RTF",
+                                "mic delay ms", "VAD hangover ms", "machine", "load/CPU"],
+                               table, markdown=True),
+                  "", "File latency is `infer.py`'s per-file path (median); the microphone "
+                  "delay runs from the 30-ms chunk in which the VAD closes a 3-s utterance "
+                  "to its prediction; the hangover before the VAD may close it is a setting "
+                  "(audio time). Reproduce: "
+                  + ", ".join(f"`{r['command']}`" for r in inference), ""]
+    if lines:
+        lines += ["Timings come from a machine that may have been shared: *load/CPU* is the "
+                  "1-minute load average per CPU when the benchmark started (above 1 means "
+                  "other work competed for the CPUs).", ""]
+    return lines
+
+
+def render(results: list[dict[str, Any]], default: str) -> str:
+    """The README section (without the markers)."""
+    lines = ["<!-- generated by `python bench/report.py --write-readme` from "
+             "bench/results/*.json: edit those, not this -->", "",
+             *accuracy_section(results), *targets_section(results, default),
+             *speed_sections(results)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with everything between the bench markers replaced by ``block``."""
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"README needs a line {START_MARKER} followed by a line {END_MARKER}")
+    return text[: start + len(START_MARKER)] + "\n" + block + text[end:]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/report.py",
+        description="Tables from bench/results/*.json; optionally the README section.")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write-readme", nargs="?", type=Path, const=REPO / "README.md",
+                        metavar="README", help="replace the section in README (default "
+                        "README.md) between the bench:start and bench:end markers")
+    action.add_argument("--check", nargs="?", type=Path, const=REPO / "README.md",
+                        metavar="README", help="exit 1 if README's section is out of date")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    block = render(load_results(args.results_dir), default_model())
+    readme = args.write_readme or args.check
+    if readme is None:
+        print(block, end="")
+        return 0
+    text = readme.read_text()
+    try:
+        updated = replace_block(text, block)
+    except ValueError as error:
+        print(f"{readme}: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        if updated != text:
+            print(f"{readme} is out of date: run python bench/report.py --write-readme",
+                  file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(updated)
+    print(f"updated {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Benchmark scripts (bench/): argument parsing, measurements on tiny inputs, tables, report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from bench import accuracy, features, inference, report, training_speed
+from bench.common import command_line, format_table, split_model_feature
+from ser_pipeline.corpora.synthetic import make_speaker, synthesise_utterance
+from tests.e2e import FAST, REPO, run_script
+
+
+@pytest.fixture(scope="module")
+def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic utterances (about 1.5 s each) at 22.05 kHz: resampled like EMO-DB."""
+    folder = tmp_path_factory.mktemp("speech")
+    for i in range(3):
+        wave, _ = synthesise_utterance(make_speaker(i, 0), "anger", np.random.default_rng(i),
+                                       22050)
+        sf.write(folder / f"utt{i}.wav", wave, 22050, subtype="PCM_16")
+    return folder
+
+
+def accuracy_result(model: str = "cnn_blstm_attn", protocol: str = "loso", uar: float = 0.7,
+                    wall_seconds: float = 600.0, cpus: int = 2) -> dict:
+    """What bench/accuracy.py writes, with made-up numbers."""
+    return {
+        "benchmark": "accuracy", "corpus": "emodb", "protocol": protocol, "model": model,
+        "feature": "logmel", "complete": True, "n_folds": 10, "folds_run": 10,
+        "mean": {"uar": uar, "wa": uar + 0.02, "f1": uar - 0.01, "val_uar": uar},
+        "std": {"uar": 0.05, "wa": 0.04, "f1": 0.06, "val_uar": 0.03}, "epochs_mean": 21.5,
+        "wall_seconds": wall_seconds, "threads": None,
+        "command": f"python train.py data=emodb model={model} +tags.bench_id=abc",
+        "bench_command": f"python bench/accuracy.py --protocols {protocol} --models {model}",
+        "machine": {"cpu": "Intel(R) Xeon(R) Processor @ 2.50GHz", "cpus_available": cpus,
+                    "load_average": [1.0, 1.0, 1.0]},
+    }
+
+
+def write_results(folder: Path, *results: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, result in enumerate(results):
+        (folder / f"{result['benchmark']}-{i}.json").write_text(json.dumps(result))
+    return folder
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+
+def test_table_right_aligns_numeric_columns_and_left_aligns_text():
+    table = format_table(["model", "utt/s"], [["a", "1.5"], ["longer", "12.25"]])
+    lines = table.splitlines()
+    assert lines[2] == "a         1.5"
+    assert lines[3] == "longer  12.25"
+
+
+def test_markdown_table_marks_numeric_columns_right_aligned():
+    table = format_table(["model", "utt/s"], [["a", "1.5"], ["b", "-"]], markdown=True)
+    header, rule, *_ = table.splitlines()
+    assert header == "| model | utt/s |"
+    assert rule == "|-------|------:|"
+
+
+def test_table_refuses_a_row_with_the_wrong_number_of_cells():
+    with pytest.raises(ValueError, match="2 columns"):
+        format_table(["a", "b"], [["only one"]])
+
+
+def test_recorded_command_leaves_out_where_results_are_written():
+    command = command_line("bench/x.py", ["--threads", "1", "--results-dir", "/tmp/r",
+                                          "--name=n", "--", "a.b=[1, 2]"])
+    assert command == "python bench/x.py --threads 1 -- 'a.b=[1, 2]'"
+
+
+def test_models_default_to_the_feature_they_were_published_with():
+    assert split_model_feature("blstm_local_attn") == ("blstm_local_attn", "lld")
+    assert split_model_feature("cnn_blstm_attn:logmel_deltas") == ("cnn_blstm_attn",
+                                                                   "logmel_deltas")
+    with pytest.raises(ValueError, match="unknown model"):
+        split_model_feature("no_such_model")
+
+
+# -- accuracy.py ----------------------------------------------------------------------------------
+
+def test_accuracy_takes_train_overrides_after_double_dash():
+    args = accuracy.build_parser().parse_args(
+        ["--protocols", "loso", "--models", "cnn_blstm_attn", "--", "trainer.max_epochs=40"])
+    assert args.protocols == ["loso"] and args.models == ["cnn_blstm_attn"]
+    assert args.overrides == ["trainer.max_epochs=40"]
+
+
+def test_accuracy_runs_every_fold_and_lets_user_overrides_win():
+    overrides = accuracy.train_overrides("ravdess", "/data/R", "group_kfold", "cnn_attn_multitask",
+                                         "logmel", "id1", ["data.split=loso"])
+    assert overrides[:2] == ["data=ravdess", "data.root=/data/R"]
+    assert {"data.fold=all", "model=cnn_attn_multitask", "feature=logmel",
+            "+tags.bench_id=id1"} <= set(overrides)
+    assert overrides[-1] == "data.split=loso"  # Hydra applies the last one
+
+
+def test_accuracy_dry_run_prints_one_train_command_per_protocol_and_model(capsys):
+    assert accuracy.main(["--dry-run", "--protocols", "loso", "ltso",
+                          "--models", "cnn_blstm_attn", "blstm_local_attn"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 4
+    assert all(c.startswith("python train.py data=emodb data.fold=all") for c in commands)
+    assert "data.split=ltso" in commands[3] and "feature=lld" in commands[3]
+
+
+def test_accuracy_result_keeps_folds_mean_std_and_summed_confusion():
+    folds = [{"fold": k, "uar": 0.5 + k / 10, "wa": 0.6, "f1": 0.4, "val_uar": 0.5,
+              "epochs": 10 + 2 * k, "test_speakers": [str(k)]} for k in range(2)]
+    cv = {"run_id": "r1",
+          "summary": {"n_folds": 2, "complete": True, "folds": folds,
+                      "mean": {"uar": 0.55}, "std": {"uar": 0.07}},
+          "confusion": {"labels": ["anger", "sadness"], "counts": [[3, 1], [0, 4]],
+                        "report": {"anger": {"recall": 0.75}}}}
+    result = accuracy.accuracy_result(cv)
+    assert result["epochs_mean"] == 11.0
+    assert result["confusion"] == [[3, 1], [0, 4]] and result["classes"] == ["anger", "sadness"]
+    assert (result["folds_run"], result["n_folds"], result["run_id"]) == (2, 2, "r1")
+
+
+def test_accuracy_result_file_names_a_non_default_feature():
+    assert accuracy.result_name("emodb", "loso", "cnn_blstm_attn", "logmel") == \
+        "accuracy-emodb-loso-cnn_blstm_attn"
+    assert accuracy.result_name("emodb", "loso", "cnn_blstm_attn", "lld") == \
+        "accuracy-emodb-loso-cnn_blstm_attn-lld"
+
+
+@pytest.mark.slow
+def test_accuracy_cross_validates_through_train_py_and_writes_the_result(tmp_path):
+    results = tmp_path / "results"
+    done = run_script("bench/accuracy.py", [
+        "--corpus", "synthetic", "--protocols", "group_kfold", "--models", "cnn_blstm_attn",
+        "--results-dir", str(results), "--", *FAST, "data.n_folds=2", "trainer.max_epochs=1",
+        "logger.mlflow.log_model=false"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((results / "accuracy-synthetic-group_kfold-cnn_blstm_attn.json")
+                        .read_text())
+    assert result["complete"] and len(result["folds"]) == 2
+    assert np.asarray(result["confusion"]).sum() == 4 * 4 * 4  # every utterance tested once
+    assert result["command"].startswith("python train.py data=synthetic data.fold=all")
+    assert result["wall_seconds"] > 0 and result["machine"]["cpus_available"] >= 1
+
+
+# -- features.py ----------------------------------------------------------------------------------
+
+def test_feature_benchmark_compares_equal_output_and_writes_every_path(speech_dir, tmp_path):
+    assert features.main(["--files", str(speech_dir), "--repeats", "1", "--threads", "1",
+                          "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "features-1t.json").read_text())
+    paths = result["paths"]
+    assert set(paths) == {"decode", "resample", "decode + resample", "log-mel", "full",
+                          "log-mel, batched", "cache hit"}
+    # identical waveforms in: the two implementations agree to a small fraction of a dB
+    assert paths["log-mel"]["max_abs_diff_db"] < features.EQUAL_OUTPUT_DB
+    assert paths["log-mel, batched"]["max_abs_diff_db"] < features.EQUAL_OUTPUT_DB
+    assert paths["cache hit"]["hits_per_pass"] == 3
+    assert result["files"] == 3 and result["native_rates"] == [22050]
+    assert result["targets"][0]["met"] == (result["speedup"]["full"] >= 2.0)
+
+
+def test_feature_files_are_spread_over_the_list_when_limited(tmp_path):
+    for i in range(10):
+        (tmp_path / f"{i}.wav").touch()
+    chosen = features.find_audio_files([str(tmp_path)], limit=5)
+    assert [p.name for p in chosen] == ["0.wav", "2.wav", "4.wav", "6.wav", "8.wav"]
+
+
+# -- inference.py ---------------------------------------------------------------------------------
+
+def test_inference_benchmark_times_load_files_and_microphone_delay(tiny_model_dir, speech_dir,
+                                                                   tmp_path):
+    assert inference.main(["--model", str(tiny_model_dir), "--files", str(speech_dir),
+                           "--repeats", "2", "--mic-runs", "2", "--threads", "1",
+                           "--results-dir", str(tmp_path), "--name", "inference"]) == 0
+    result = json.loads((tmp_path / "inference.json").read_text())
+    micro = result["microphone"]
+    assert micro["utterances_per_run"] == 1  # the 3-s utterance stays one utterance
+    assert micro["utterance_s"] == pytest.approx(3.0)
+    assert 0 < micro["delay_ms"]["median"] <= micro["delay_ms"]["max"]
+    assert result["files"]["files"] == 3 and result["files"]["rtf_median"] > 0
+    assert result["targets"][0]["met"] == (micro["delay_ms"]["median"] < 100)
+
+
+def test_speech_for_the_microphone_test_is_cut_to_the_asked_length(speech_dir):
+    files = sorted(speech_dir.glob("*.wav"))
+    assert len(inference.speech_utterance(files, seconds=2.0)) == 32000
+    with pytest.raises(ValueError, match="less than 60"):
+        inference.speech_utterance(files, seconds=60.0)
+
+
+# -- training_speed.py ----------------------------------------------------------------------------
+
+def test_throughput_counts_the_batches_after_the_warm_up():
+    timer = training_speed.BatchTimer()
+    timer.ends, timer.sizes = [10.0, 11.0, 13.0], [32, 32, 16]  # first batch: warm-up
+    assert timer.throughput() == pytest.approx(48 / 3.0)
+
+
+def test_training_table_shows_what_training_adds_to_memory():
+    row = {"model": "m", "feature": "logmel", "parameters": 1_500_000, "utterances_per_s": 12.5,
+           "epoch_s_estimated": 30.0, "epoch_s_measured": None, "peak_rss_mb": 900.0,
+           "rss_before_training_mb": 700.0}
+    assert training_speed.table_rows([row]) == [["m", "logmel", "1.50", "12.5", "30.0", "900",
+                                                 "200"]]
+
+
+@pytest.mark.slow
+def test_training_throughput_of_a_tiny_model_is_measured(tmp_path):
+    result = training_speed.measure_model(
+        ["data=synthetic", f"data.root={tmp_path / 'synthetic'}",
+         f"paths.cache_dir={tmp_path / 'cache'}", "data.batch_size=4", *FAST[:2], *FAST[4:]],
+        batches=3)
+    assert result["batches_timed"] == 2 and result["utterances_per_s"] > 0
+    assert result["peak_rss_mb"] >= result["rss_before_training_mb"] > 0
+
+
+# -- report.py ------------------------------------------------------------------------------------
+
+def test_readme_section_is_replaced_only_between_the_markers():
+    text = "intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n"
+    assert report.replace_block(text, "new table\n") == \
+        "intro\n<!-- bench:start -->\nnew table\n<!-- bench:end -->\noutro\n"
+
+
+def test_readme_without_markers_is_refused():
+    with pytest.raises(ValueError, match="bench:start"):
+        report.replace_block("no markers here\n", "table\n")
+
+
+def test_report_lists_each_accuracy_line_with_the_command_that_reproduces_it():
+    block = report.render([{**accuracy_result(), "source": "a.json"}], "cnn_blstm_attn")
+    assert "| 1 | emodb  | loso     | cnn_blstm_attn | logmel  | 10/10 | 0.700 ± 0.050 |" in block
+    assert "1. `python bench/accuracy.py --protocols loso --models cnn_blstm_attn`" in block
+    assert "bench_id" not in block
+
+
+def test_targets_judge_the_best_loso_model_and_the_default_models_time():
+    results = [{**accuracy_result("cnn_blstm_attn", uar=0.78, wall_seconds=1700), "source": "a"},
+               {**accuracy_result("cnn_attn_multitask", uar=0.82), "source": "b"},
+               {**accuracy_result("dcnn_blstm_attn", "ltso", uar=0.9), "source": "c"}]
+    uar, time_target = report.accuracy_targets(results, "cnn_blstm_attn")
+    assert (uar["met"], uar["source"]) == (True, "b")
+    assert time_target["met"] is True and time_target["source"] == "a"
+
+
+def test_a_target_without_results_is_not_measured_rather_than_met():
+    targets = [*report.accuracy_targets([], "cnn_blstm_attn"), *report.recorded_targets([])]
+    assert len(targets) == 4 and all(t["met"] is None for t in targets)
+    assert "not measured" in report.render([], "cnn_blstm_attn")
+
+
+def test_cross_validation_time_on_other_than_two_cores_does_not_count_as_met():
+    results = [{**accuracy_result(wall_seconds=600, cpus=16), "source": "a"}]
+    assert report.accuracy_targets(results, "cnn_blstm_attn")[1]["met"] is None
+
+
+def test_write_readme_then_check_passes_and_a_new_result_makes_it_stale(tmp_path):
+    results = write_results(tmp_path / "results", accuracy_result())
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- bench:start -->\n<!-- bench:end -->\n")
+    common = ["--results-dir", str(results)]
+    assert report.main([*common, "--write-readme", str(readme)]) == 0
+    assert "0.700 ± 0.050" in readme.read_text()
+    assert report.main([*common, "--check", str(readme)]) == 0
+    write_results(results, accuracy_result(), accuracy_result("blstm_local_attn"))
+    assert report.main([*common, "--check", str(readme)]) == 1
+
+
+def test_report_script_runs_from_a_fresh_checkout_layout():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "report.py"), "--help"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and "--write-readme" in done.stdout
