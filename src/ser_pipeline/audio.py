@@ -7,6 +7,7 @@ everywhere, and a bad file always fails with the same named :class:`AudioError`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from scipy import signal
 
 #: Header rates outside this range are corrupt or not audio: refused before decoding, since a
 #: tiny file claiming 1 Hz would be resampled into gigabytes.
@@ -22,6 +24,9 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
 #: Float samples are nominally within [-1, 1]; far beyond this the power spectrum overflows
 #: float32 (about 1e19) and features turn infinite, so such files are refused as not audio.
 MAX_ABS_SAMPLE = 1e6
+#: torchaudio's sinc kernel is (new/gcd, orig/gcd)-sized: fine for 44.1k/48k/11025 (<= 640),
+#: but a rate sharing few factors with the target (12347 Hz) needs ~1 GB and seconds per file.
+MAX_SINC_FACTOR = 1000
 
 
 class AudioError(Exception):
@@ -33,14 +38,19 @@ class AudioError(Exception):
 
 
 def _open(path: Path) -> sf.SoundFile:
-    if path.is_dir():
-        raise AudioError(path, "is a directory, not an audio file")
-    if not path.exists():
-        raise AudioError(path, "file not found")
-    if not os.access(path, os.R_OK):
-        raise AudioError(path, "permission denied")
-    if path.stat().st_size == 0:
-        raise AudioError(path, "empty file (0 bytes)")
+    try:  # stat fails with EACCES (not "missing") inside a folder we may not enter
+        if path.is_dir():
+            raise AudioError(path, "is a directory, not an audio file")
+        if not path.exists():
+            raise AudioError(path, "file not found")
+        if not os.access(path, os.R_OK):
+            raise AudioError(path, "permission denied")
+        if path.stat().st_size == 0:
+            raise AudioError(path, "empty file (0 bytes)")
+    except PermissionError as error:
+        raise AudioError(path, "permission denied (cannot enter its folder)") from error
+    except OSError as error:
+        raise AudioError(path, f"cannot access file ({error.strerror or error})") from error
     try:
         handle = sf.SoundFile(path)
     except (sf.LibsndfileError, RuntimeError, TypeError) as error:
@@ -62,10 +72,19 @@ def _to_mono_float(block: np.ndarray, path: Path) -> torch.Tensor:
 
 
 def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
-    """``(..., time)`` at ``orig_rate`` -> ``(..., time')`` at ``new_rate`` (sinc, torchaudio)."""
+    """``(..., time)`` at ``orig_rate`` -> ``(..., time')`` at ``new_rate``.
+
+    torchaudio's sinc resampler; scipy's polyphase filter for rates with few common factors.
+    """
     if orig_rate == new_rate:
         return waveform
-    return AF.resample(waveform, orig_rate, new_rate)
+    divisor = math.gcd(orig_rate, new_rate)
+    if max(orig_rate, new_rate) // divisor <= MAX_SINC_FACTOR:
+        return AF.resample(waveform, orig_rate, new_rate)
+    # polyphase FIR instead: its cost grows with the signal, not with the rates' factors
+    out = signal.resample_poly(waveform.detach().cpu().numpy(), new_rate // divisor,
+                               orig_rate // divisor, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(waveform.device)
 
 
 def audio_info(path: str | Path) -> tuple[int, int, int]:
@@ -92,7 +111,10 @@ def read_audio(path: str | Path, sample_rate: int, min_samples: int = 2) -> torc
             raise AudioError(path, f"cannot decode audio ({error})") from error
     if block.shape[0] < min_samples:
         raise AudioError(path, f"too short ({block.shape[0]} samples)")
-    return resample(_to_mono_float(block, path), rate, sample_rate)
+    wave = resample(_to_mono_float(block, path), rate, sample_rate)
+    if wave.shape[0] < min_samples:  # e.g. 2 samples at 32 kHz are 1 sample at 16 kHz
+        raise AudioError(path, f"too short ({block.shape[0]} samples at {rate} Hz)")
+    return wave
 
 
 def iter_audio_blocks(

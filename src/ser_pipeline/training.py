@@ -15,7 +15,6 @@ from typing import Any
 
 import mlflow
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -169,6 +168,13 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
                     datamodule.split.protocol)
 
     checkpoint_dir = output_dir / "checkpoints"
+    if cfg.get("ckpt_path") and cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
+        # keep checkpointing into the original folder: Lightning restores the best score and
+        # best-k bookkeeping only when the folder is unchanged, so the resumed run selects
+        # the same best epoch as an uninterrupted one would
+        checkpoint_dir = Path(cfg.ckpt_path).resolve().parent
+        cfg = cfg.copy()
+        OmegaConf.update(cfg, "callbacks.model_checkpoint.dirpath", str(checkpoint_dir))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)),
                   *(extra_callbacks or [])]
@@ -300,7 +306,6 @@ def print_summary(result: dict[str, Any]) -> None:
 def run(cfg: DictConfig) -> float:
     """Entry point behind ``train.py``: returns the optimised metric (test or val UAR)."""
     print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if str(cfg.data.fold) == "all":
         from ser_pipeline.crossval import cross_validate
 
