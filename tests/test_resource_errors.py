@@ -223,8 +223,6 @@ def test_synthetic_generator_fails_on_a_read_only_root(read_only):
     assert not (read_only.path / "corpus").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="synthetic.py reports the staging folder, not its root "
-                   "and what to do (reported to the lead)")
 def test_synthetic_generator_names_its_root_when_not_writable(read_only):
     read_only.seal()
     root = read_only.path / "corpus"
@@ -301,3 +299,18 @@ def test_killed_config_writer_leaves_a_cache_that_still_opens(tmp_path):
     (first.folder / ".tmp-killed").write_text('{"name": ')  # the rename never happened
     second = FeatureCache(tmp_path, {"name": "x"})
     assert json.loads((second.folder / "config.json").read_text()) == {"name": "x"}
+
+
+def test_full_disk_while_checkpointing_leaves_no_truncated_checkpoint(tiny_disk):
+    import torch
+
+    from ser_pipeline.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"small": torch.zeros(10)}, tiny_disk / "last.ckpt")
+    before = (tiny_disk / "last.ckpt").read_bytes()
+    with pytest.raises(OSError):
+        io.save_checkpoint({"big": torch.zeros(1_000_000)}, tiny_disk / "last.ckpt")
+    assert (tiny_disk / "last.ckpt").read_bytes() == before  # the previous one, intact
+    assert leftovers(tiny_disk) == []
+    assert torch.load(tiny_disk / "last.ckpt", weights_only=True)["small"].shape == (10,)

@@ -44,3 +44,4 @@ class CheckpointOnInterrupt(pl.Callback):
                         type(exception).__name__, path)
         except OSError as error:  # e.g. disk full: say so, keep the original error
             log.error("could not write %s: %s", path, error)
+

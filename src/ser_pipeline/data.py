@@ -267,9 +267,12 @@ class SERDataModule(pl.LightningDataModule):
             if self.balanced_sampling:  # each class drawn equally often (DCNN-BLSTMwA recipe)
                 weights = class_balanced_weights(dataset.emotion, len(self.classes))
             sampler = EpochShuffleSampler(len(dataset), self.seed, weights)
+        # an own generator: creating an iterator would otherwise draw from the global RNG,
+        # shifting dropout masks depending on when Lightning builds it (breaks exact resume)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

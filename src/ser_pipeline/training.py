@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ser_pipeline import tracking
 from ser_pipeline.artifact import save_model_dir
 from ser_pipeline.callbacks import CheckpointOnInterrupt, ReseedEachEpoch
+from ser_pipeline.checkpoint_io import AtomicCheckpointIO
 from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS
 from ser_pipeline.data import SERDataModule
 from ser_pipeline.module import SERModule
@@ -168,13 +169,15 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
                     datamodule.split.protocol)
 
     checkpoint_dir = output_dir / "checkpoints"
-    if cfg.get("ckpt_path") and cfg.get("callbacks") and "model_checkpoint" in cfg.callbacks:
+    if cfg.get("ckpt_path") and cfg.get("callbacks"):
         # keep checkpointing into the original folder: Lightning restores the best score and
         # best-k bookkeeping only when the folder is unchanged, so the resumed run selects
         # the same best epoch as an uninterrupted one would
         checkpoint_dir = Path(cfg.ckpt_path).resolve().parent
         cfg = cfg.copy()
-        OmegaConf.update(cfg, "callbacks.model_checkpoint.dirpath", str(checkpoint_dir))
+        for name, callback in cfg.callbacks.items():
+            if "dirpath" in callback:
+                OmegaConf.update(cfg, f"callbacks.{name}.dirpath", str(checkpoint_dir))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)),
                   *(extra_callbacks or [])]
@@ -213,7 +216,8 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
 def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                   callbacks: list, logger: Any, started: float) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
-                                      logger=logger if logger is not None else False)
+                                      logger=logger if logger is not None else False,
+                                      plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""

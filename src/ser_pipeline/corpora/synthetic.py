@@ -442,8 +442,15 @@ def generate_synthetic_corpus(
     """
     options = _options(n_speakers, utterances_per_class, emotions, sample_rate, seed)
     root = Path(root).expanduser().absolute()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"cannot generate the synthetic corpus at {root}: {root.parent} is not writable "
+            f"({error.strerror}). Point data.root (or paths.data_dir) at a writable folder.",
+        ) from error
     try:
         _write_corpus(staging, options)
     except BaseException:
