@@ -38,6 +38,8 @@ import torch
 import torchaudio
 from torch import nn
 
+from ser_pipeline.features.logmel import pad_for_stft
+
 EPS = 1e-10
 ENTROPY_BLOCKS = 10
 ROLLOFF_FRACTION = 0.90
@@ -269,12 +271,7 @@ class LLDFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` or ``(batch, time)`` -> ``([batch,] 1, n_features, frames)``."""
-        if waveform.shape[-1] < 2:
-            raise ValueError("waveform needs at least 2 samples")
-        if waveform.shape[-1] <= self.n_fft // 2:
-            # same rule as LogMelFeatures, so the two keep the same frame count:
-            # reflect padding needs more samples than half the FFT size
-            waveform = nn.functional.pad(waveform, (0, self.n_fft // 2 + 1 - waveform.shape[-1]))
+        waveform = pad_for_stft(waveform, self.n_fft)  # same frame count as LogMelFeatures
         frames = frame_signal(waveform, self.n_fft, self.win_length, self.hop_length)
         spectrum = torch.stft(
             waveform.reshape(-1, waveform.shape[-1]),

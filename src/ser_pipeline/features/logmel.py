@@ -22,6 +22,19 @@ def frames_for(num_samples: int, hop_length: int) -> int:
     return num_samples // hop_length + 1
 
 
+def pad_for_stft(waveform: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """``(..., time)`` ready for a centred, reflect-padded STFT: at least 2 samples required,
+    clips of at most ``n_fft // 2`` samples zero-padded (reflection needs more than that).
+
+    Every extractor calls this, so all of them give the same frame count for a clip.
+    """
+    if waveform.shape[-1] < 2:
+        raise ValueError("waveform needs at least 2 samples")
+    if waveform.shape[-1] <= n_fft // 2:
+        waveform = nn.functional.pad(waveform, (0, n_fft // 2 + 1 - waveform.shape[-1]))
+    return waveform
+
+
 class LogMelFeatures(nn.Module):
     """Waveform ``(time,)`` -> log-mel ``(channels, n_mels, frames)``.
 
@@ -89,11 +102,7 @@ class LogMelFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` or ``(batch, time)`` -> ``([batch,] channels, n_mels, frames)``."""
-        if waveform.shape[-1] < 2:
-            raise ValueError("waveform needs at least 2 samples")
-        if waveform.shape[-1] <= self.n_fft // 2:
-            # reflect padding needs more samples than half the FFT size: zero-pad short clips
-            waveform = nn.functional.pad(waveform, (0, self.n_fft // 2 + 1 - waveform.shape[-1]))
+        waveform = pad_for_stft(waveform, self.n_fft)
         # (..., 1, n_mels, frames): AmplitudeToDB floors top_db below the max over the last
         # three dims, so the singleton channel keeps that floor per item, not per batch
         logmel = self.to_db(self.mel(waveform).unsqueeze(-3)).squeeze(-3)
