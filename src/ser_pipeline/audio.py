@@ -7,6 +7,7 @@ everywhere, and a bad file always fails with the same named :class:`AudioError`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio
 from scipy import signal
 
 #: Header rates outside this range are corrupt or not audio: refused before decoding, since a
@@ -71,6 +72,13 @@ def _to_mono_float(block: np.ndarray, path: Path) -> torch.Tensor:
     return torch.from_numpy(mono.astype(np.float32))
 
 
+@functools.lru_cache(maxsize=16)
+def _sinc_resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
+    # one transform per rate pair: torchaudio.functional.resample rebuilds its sinc kernel
+    # on every call, which made resampling the slowest step of reading a file
+    return torchaudio.transforms.Resample(orig_rate, new_rate)
+
+
 def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
     """``(..., time)`` at ``orig_rate`` -> ``(..., time')`` at ``new_rate``.
 
@@ -80,7 +88,8 @@ def resample(waveform: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Ten
         return waveform
     divisor = math.gcd(orig_rate, new_rate)
     if max(orig_rate, new_rate) // divisor <= MAX_SINC_FACTOR:
-        return AF.resample(waveform, orig_rate, new_rate)
+        with torch.no_grad():
+            return _sinc_resampler(orig_rate, new_rate)(waveform)
     # polyphase FIR instead: its cost grows with the signal, not with the rates' factors
     out = signal.resample_poly(waveform.detach().cpu().numpy(), new_rate // divisor,
                                orig_rate // divisor, axis=-1)
