@@ -211,3 +211,17 @@ def test_cli_without_portaudio_exits_1_with_that_message(monkeypatch, tiny_model
     assert main(["--mic", "--model", str(tiny_model_dir)]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert "libportaudio2" in line
+
+
+def test_input_overflows_are_counted_and_capture_goes_on(alsa_home):
+    """PortAudio flags a lost block with input_overflow; the callback counts it and keeps
+    queueing audio (driven here with sounddevice's own CallbackFlags)."""
+    alsa_home(recording(*MIC_RECORDING))
+    mic = microphone.Microphone("virtmic", duration_s=9.0)
+    flags = mic.sd.CallbackFlags()
+    flags.input_overflow = True
+    block = np.zeros((mic.block, mic.channels), dtype=np.int16)
+    mic._on_audio(block, mic.block, None, flags)
+    mic._on_audio(block, mic.block, None, mic.sd.CallbackFlags())
+    assert mic.overflows == 1
+    assert mic.captured == 2 * mic.block and mic._queue.qsize() == 2
