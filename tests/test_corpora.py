@@ -34,7 +34,10 @@ from tests.corpus_trees import (
     write_tiny_wav,
 )
 
-REAL_EMODB = Path("/work/shared/datasets/emodb")
+# ../shared beside the checkout (as in CI), else this workplace's copy
+REAL_EMODB = next((p for p in (Path(__file__).resolve().parents[2] / "shared/datasets/emodb",
+                               Path("/work/shared/datasets/emodb")) if p.exists()),
+                  Path("/nonexistent/emodb"))
 READERS = {
     "emodb": (read_emodb, build_emodb_tree),
     "ravdess": (read_ravdess, build_ravdess_tree),
