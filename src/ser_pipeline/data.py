@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -305,6 +304,3 @@ class SERDataModule(pl.LightningDataModule):
                 "class_counts": {c: int((rows["emotion"] == c).sum()) for c in self.classes},
             }
         return out
-
-    def root_path(self) -> Path:
-        return Path(self.root)

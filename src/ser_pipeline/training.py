@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import signal
@@ -174,7 +175,7 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
         # best-k bookkeeping only when the folder is unchanged, so the resumed run selects
         # the same best epoch as an uninterrupted one would
         checkpoint_dir = Path(cfg.ckpt_path).resolve().parent
-        cfg = cfg.copy()
+        cfg = copy.deepcopy(cfg)  # the caller's config keeps its own paths
         for name, callback in cfg.callbacks.items():
             if "dirpath" in callback:
                 OmegaConf.update(cfg, f"callbacks.{name}.dirpath", str(checkpoint_dir))
