@@ -179,7 +179,11 @@ def tracked_run(
             status = RunStatus.to_string(RunStatus.FINISHED)
         raise
     finally:
-        mlflow.end_run(status=status)
+        try:
+            mlflow.end_run(status=status)
+        except Exception:  # e.g. a signal broke the store session mid-write: a fresh client
+            log.exception("could not end run %s; retrying with a new client", run.info.run_id)
+            MlflowClient(mlflow.get_tracking_uri()).set_terminated(run.info.run_id, status)
 
 
 # -- figures and reports ------------------------------------------------------------------------
