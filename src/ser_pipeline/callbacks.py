@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
+from types import FrameType, TracebackType
 
 import pytorch_lightning as pl
 import torch
@@ -45,3 +48,59 @@ class CheckpointOnInterrupt(pl.Callback):
         except OSError as error:  # e.g. disk full: say so, keep the original error
             log.error("could not write %s: %s", path, error)
 
+
+
+class TerminationRequested(KeyboardInterrupt):
+    """SIGINT or SIGTERM, as the interrupt Lightning already shuts down cleanly on."""
+
+
+class StopOnSignal(pl.Callback):
+    """Stop on SIGINT / SIGTERM at the next batch boundary, not wherever the signal lands.
+
+    Why not Python's default (raise where the signal lands): the exception can fire inside an
+    MLflow write to the SQLite store (metrics are logged every epoch) and leave its session
+    half-done, the run stuck RUNNING. Used as a context manager around training, the first
+    signal only records itself; the next batch start (train, validation or test) raises
+    :class:`TerminationRequested`, which Lightning handles like Ctrl-C (``on_exception``
+    writes ``interrupted.ckpt``, loggers are finalised), and outside Lightning :meth:`check`
+    raises it between steps. A second signal raises at once, for a stuck step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # handlers: main thread only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise TerminationRequested(f"{name} received twice")
+        self.received = signum
+        log.warning("%s received: stopping at the next batch boundary (send it again to stop "
+                    "at once)", name)
+
+    def check(self) -> None:
+        """Raise :class:`TerminationRequested` if a signal came in."""
+        if self.received is not None:
+            raise TerminationRequested(f"{signal.Signals(self.received).name} received")
+
+    def on_train_batch_start(self, *args: object, **kwargs: object) -> None:
+        self.check()
+
+    def on_validation_batch_start(self, *args: object, **kwargs: object) -> None:
+        self.check()
+
+    def on_test_batch_start(self, *args: object, **kwargs: object) -> None:
+        self.check()

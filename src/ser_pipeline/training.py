@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ser_pipeline import tracking
 from ser_pipeline.artifact import save_model_dir
-from ser_pipeline.callbacks import CheckpointOnInterrupt, ReseedEachEpoch
+from ser_pipeline.callbacks import (
+    CheckpointOnInterrupt,
+    ReseedEachEpoch,
+    StopOnSignal,
+    TerminationRequested,
+)
 from ser_pipeline.checkpoint_io import AtomicCheckpointIO
 from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS
 from ser_pipeline.data import SERDataModule
@@ -33,14 +38,6 @@ log = logging.getLogger(__name__)
 
 #: written into a run's output folder so that a resumed checkpoint can name its original run
 RUN_MARKER = "mlflow_run.json"
-
-
-class TerminationRequested(KeyboardInterrupt):
-    """SIGTERM, turned into the interrupt Lightning already shuts down cleanly on."""
-
-
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    raise TerminationRequested(f"signal {signum}")
 
 
 def sweep_tags() -> dict[str, str]:
@@ -179,14 +176,14 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
         for name, callback in cfg.callbacks.items():
             if "dirpath" in callback:
                 OmegaConf.update(cfg, f"callbacks.{name}.dirpath", str(checkpoint_dir))
+    stop = StopOnSignal()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)),
+    callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)), stop,
                   *(extra_callbacks or [])]
 
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    try:
+    with stop:
         if experiment_id is None:
-            return _fit_and_test(cfg, datamodule, module, callbacks, None, started)
+            return _fit_and_test(cfg, datamodule, module, callbacks, None, started, stop)
         mlflow_cfg = _tracking_config(cfg)
         tags = {**_run_tags(cfg, datamodule, root), **_resumed_from(cfg.get("ckpt_path")),
                 **(extra_tags or {})}
@@ -206,20 +203,25 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
             logger = MLFlowLogger(experiment_name=mlflow_cfg.experiment_name,
                                   tracking_uri=mlflow.get_tracking_uri(),
                                   run_id=run.info.run_id)
-            result = _fit_and_test(cfg, datamodule, module, callbacks, logger, started)
+            result = _fit_and_test(cfg, datamodule, module, callbacks, logger, started, stop)
             result["run_id"] = run.info.run_id
+            # a signal from here on waits until the results are logged: the run is complete
             _log_results(cfg, datamodule, module, kwargs, result, output_dir)
-        return result
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        stop.check()  # ...and then stops the caller (e.g. the next cross-validation fold)
+    return result
 
 
 def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
-                  callbacks: list, logger: Any, started: float) -> dict[str, Any]:
+                  callbacks: list, logger: Any, started: float,
+                  stop: StopOnSignal) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                       logger=logger if logger is not None else False,
                                       plugins=[AtomicCheckpointIO()])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException as error:  # Lightning's own SIGTERM flag, checked between batches
+        raise TerminationRequested("SIGTERM received") from error
+    stop.check()  # a signal during the last epoch's end stops before testing
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
     result: dict[str, Any] = {"run_id": None, "best_checkpoint": best or None,
@@ -227,6 +229,7 @@ def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                               "epochs": trainer.current_epoch}
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        stop.check()
         result["test"] = dict(module.test_results)
     result["train_seconds"] = time.time() - started
     result["module"] = module
