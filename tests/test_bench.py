@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bench import accuracy, features, inference, report, training_speed
+from bench import accuracy, baseline, features, inference, report, training_speed
 from bench.common import command_line, format_table, split_model_feature
 from ser_pipeline.corpora.synthetic import make_speaker, synthesise_utterance
 from tests.e2e import FAST, REPO, run_script
@@ -279,3 +279,46 @@ def test_report_script_runs_from_a_fresh_checkout_layout():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "report.py"), "--help"],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and "--write-readme" in done.stdout
+
+
+def test_baseline_functionals_of_a_ramp_have_its_mean_extremes_and_slope():
+    ramp = np.stack([np.arange(11, dtype=np.float32), np.full(11, 3.0, dtype=np.float32)])
+    vector = baseline.functionals(ramp).reshape(len(baseline.FUNCTIONALS), 4)  # 2 LLDs + deltas
+    named = dict(zip(baseline.FUNCTIONALS, vector, strict=True))
+    assert named["mean"][:2].tolist() == [5.0, 3.0]
+    assert named["min"][0] == 0.0 and named["max"][0] == 10.0 and named["p50"][0] == 5.0
+    assert named["slope"][0] == pytest.approx(1.0) and named["slope"][1] == pytest.approx(0.0)
+    assert named["mean"][2] == pytest.approx(1.0)  # the delta of a unit ramp
+    assert named["std"][3] == 0.0
+
+
+def test_speaker_normalisation_uses_each_speakers_own_statistics():
+    rng = np.random.default_rng(0)
+    table = np.concatenate([rng.normal(5, 2, (20, 3)), rng.normal(-1, 0.5, (30, 3))])
+    speakers = np.array(["a"] * 20 + ["b"] * 30)
+    out = baseline.speaker_normalised(table, speakers)
+    for speaker in ("a", "b"):
+        rows = out[speakers == speaker]
+        np.testing.assert_allclose(rows.mean(0), 0, atol=1e-12)
+        np.testing.assert_allclose(rows.std(0), 1, atol=1e-12)
+
+
+def test_baseline_cross_validates_on_the_pipelines_folds_and_chooses_on_validation(tmp_path):
+    results = tmp_path / "results"
+    status = baseline.main(["--corpus", "synthetic", "--root", str(tmp_path / "synthetic"),
+                            "--protocols", "loso", "--results-dir", str(results),
+                            "--", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert status == 0
+    for normalisation in ("global", "speaker"):
+        result = json.loads((results / f"baseline-synthetic-loso-{normalisation}.json")
+                            .read_text())
+        assert result["n_folds"] == len(result["folds"]) == 8
+        assert result["transductive"] is (normalisation == "speaker")
+        for fold in result["folds"]:  # the speakers a fold is tested on were not its choosers
+            assert not set(fold["test_speakers"]) & set(fold["val_speakers"])
+            assert fold["C"] in baseline.C_GRID and fold["gamma_scale"] in baseline.GAMMA_SCALES
+        assert np.asarray(result["confusion"]).sum() == result["utterances"]
+        assert result["mean"]["uar"] > 0.5  # 4 classes: chance is 0.25
+    block = report.render(report.load_results(results), "cnn_blstm_attn")
+    assert "### Reference: classic functionals + SVM" in block
+    assert "speaker (transductive)" in block

@@ -1,0 +1,243 @@
+"""A classic reference on the very same folds: utterance functionals + an RBF SVM.
+
+Why: the seeds' and the literature's EMO-DB figures (openSMILE + SVM, about 73-77 % LOSO)
+come from other splits and tools. This rebuilds that kind of baseline from the project's own
+parts - corpus reader, speaker-independent splits (``ser_pipeline.splits``), the 34 LLDs of
+``feature=lld`` and the feature cache - so the deep models' lines in the README can be read
+against it fold for fold. It is a reference, not a pipeline model: no Lightning, no MLflow
+run, nothing ``infer.py`` can load.
+
+Per utterance: the 34 LLDs and their deltas, each summarised by 8 functionals (mean, std,
+min, max, 10th/50th/90th percentile, linear slope) = 544 numbers. Per fold: features are
+standardised, ``C`` and ``gamma`` are chosen by UAR on the fold's *validation speakers* (the
+test speakers are never looked at), and the SVM is refit on training + validation speakers
+with that choice. Two normalisations:
+
+* ``global`` - z-scores with the training speakers' statistics (what a deployed model does);
+* ``speaker`` - every speaker's utterances z-scored with that speaker's own statistics, the
+  classic "speaker normalisation". It needs unlabelled audio of the test speaker (its
+  statistics, not its labels) before predicting: a transductive setting, labelled as such.
+
+Examples::
+
+    python bench/baseline.py                                   # EMO-DB, LOSO + LTSO, both norms
+    python bench/baseline.py --corpus ravdess --root /data/RAVDESS --protocols group_kfold
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as `python bench/baseline.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    RESULTS_DIR,
+    command_line,
+    compose_train_config,
+    format_table,
+    machine_info,
+    mean_std,
+    started_at,
+    write_result,
+)
+
+NORMALISATIONS = ("global", "speaker")
+PROTOCOLS = ("loso", "ltso", "group_kfold")
+C_GRID = (0.1, 1.0, 10.0, 100.0)
+GAMMA_SCALES = (0.25, 1.0, 4.0)  # times 1 / n_features, sklearn's "scale" on z-scored data
+FUNCTIONALS = ("mean", "std", "min", "max", "p10", "p50", "p90", "slope")
+
+
+def functionals(frames: np.ndarray) -> np.ndarray:
+    """``(n_lld, time)`` LLD frames -> one vector: 8 functionals of every LLD and its delta."""
+    delta = np.gradient(frames, axis=1) if frames.shape[1] > 1 else np.zeros_like(frames)
+    rows = np.concatenate([frames, delta]).astype(np.float64)
+    time_axis = np.arange(rows.shape[1], dtype=np.float64)
+    centred = time_axis - time_axis.mean()
+    denominator = float((centred**2).sum()) or 1.0
+    p10, p50, p90 = np.percentile(rows, [10, 50, 90], axis=1)
+    slope = (rows * centred).sum(axis=1) / denominator
+    return np.concatenate([rows.mean(1), rows.std(1), rows.min(1), rows.max(1),
+                           p10, p50, p90, slope])
+
+
+def utterance_table(overrides: list[str]) -> tuple[Any, np.ndarray, dict[str, str], Any]:
+    """``(manifest, functionals per row, skipped files, config)`` for the composed data config."""
+    from ser_pipeline.audio import read_audio
+    from ser_pipeline.features.cache import FeatureCache, extract_features
+    from ser_pipeline.training import build_datamodule
+
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = compose_train_config([*overrides, "feature=lld"], Path(scratch))
+    datamodule = build_datamodule(cfg)
+    manifest = datamodule.load_manifest()
+    extractor = datamodule.extractor
+    cache = FeatureCache(datamodule.cache_dir, extractor.config()) if datamodule.cache_dir else None
+    features, skipped = extract_features(
+        manifest["path"].tolist(),
+        lambda path: extractor(read_audio(path, extractor.sample_rate)),
+        cache, f"{datamodule.name} LLDs", progress=False)
+    keep = np.array([f is not None for f in features])
+    table = np.stack([functionals(f[0].numpy() if f.dim() == 3 else f.numpy())
+                      for f in features if f is not None])
+    return manifest[keep].reset_index(drop=True), table, skipped, cfg
+
+
+def speaker_normalised(table: np.ndarray, speakers: np.ndarray) -> np.ndarray:
+    """Each speaker's rows z-scored with that speaker's own mean and std (labels unused)."""
+    out = np.empty_like(table)
+    for speaker in np.unique(speakers):
+        rows = speakers == speaker
+        mean, std = table[rows].mean(0), table[rows].std(0)
+        out[rows] = (table[rows] - mean) / np.where(std > 1e-8, std, 1.0)
+    return out
+
+
+def scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    return {"uar": float(recall_score(truth, predicted, average="macro", zero_division=0)),
+            "wa": float(accuracy_score(truth, predicted)),
+            "f1": float(f1_score(truth, predicted, average="macro", zero_division=0))}
+
+
+def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float) -> Any:
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    return make_pipeline(StandardScaler(), SVC(C=c, gamma=gamma_scale / x.shape[1],
+                                               class_weight="balanced")).fit(x, y)
+
+
+def run_fold(table: np.ndarray, labels: np.ndarray, parts: dict[str, np.ndarray]
+             ) -> dict[str, Any]:
+    """Choose (C, gamma) on validation speakers, refit on train + val, score the test speakers."""
+    train, val, test = parts["train"], parts["val"], parts["test"]
+    tried = []
+    for c, gamma in itertools.product(C_GRID, GAMMA_SCALES):
+        model = fit_svm(table[train], labels[train], c, gamma)
+        tried.append((scores(labels[val], model.predict(table[val]))["uar"], -c, -gamma))
+    val_uar, neg_c, neg_gamma = max(tried)  # ties: the smaller C and gamma (simpler model)
+    c, gamma = -neg_c, -neg_gamma
+    fit_rows = train | val
+    model = fit_svm(table[fit_rows], labels[fit_rows], c, gamma)
+    predicted = model.predict(table[test])
+    return {"val_uar": val_uar, "C": c, "gamma_scale": gamma, "predicted": predicted,
+            **scores(labels[test], predicted)}
+
+
+def cross_validate(manifest: Any, table: np.ndarray, cfg: Any, protocol: str,
+                   normalisation: str) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix
+
+    from ser_pipeline.splits import count_folds, make_split
+
+    classes = list(cfg.data.classes)
+    labels = manifest["emotion"].to_numpy()
+    if normalisation == "speaker":
+        table = speaker_normalised(table, manifest["speaker"].to_numpy())
+    options = dict(group_by=cfg.data.group_by, n_folds=cfg.data.n_folds,
+                   val_speakers=cfg.data.val_speakers, seed=cfg.seed)
+    n_folds = count_folds(manifest, protocol, cfg.data.group_by, cfg.data.n_folds)
+    folds, confusion = [], np.zeros((len(classes), len(classes)), dtype=int)
+    for fold in range(n_folds):
+        split = make_split(manifest, protocol, fold, **options)
+        ids = manifest["id"]
+        parts = {name: ids.isin(getattr(split, name)).to_numpy()
+                 for name in ("train", "val", "test")}
+        result = run_fold(table, labels, parts)
+        confusion += confusion_matrix(labels[parts["test"]], result.pop("predicted"),
+                                      labels=classes)
+        folds.append({"fold": fold, "test_speakers": split.test_speakers,
+                      "val_speakers": split.val_speakers, **result})
+    metrics = ("uar", "wa", "f1")
+    return {"n_folds": n_folds, "folds": folds, "classes": classes,
+            "confusion": confusion.tolist(),
+            "mean": {m: float(np.mean([f[m] for f in folds])) for m in metrics},
+            # sample std over folds, as the cross-validation summary of train.py reports it
+            "std": {m: float(np.std([f[m] for f in folds], ddof=1)) for m in metrics}}
+
+
+TABLE_HEADERS = ["corpus", "protocol", "normalisation", "folds", "UAR", "WA", "macro-F1",
+                 "seconds"]
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    return [[r["corpus"], r["protocol"], r["normalisation"], str(r["n_folds"]),
+             mean_std(r["mean"]["uar"], r["std"]["uar"]), mean_std(r["mean"]["wa"], r["std"]["wa"]),
+             mean_std(r["mean"]["f1"], r["std"]["f1"]), f"{r['wall_seconds']:.0f}"]
+            for r in results]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/baseline.py",
+        description="Reference baseline on the pipeline's own folds: LLD functionals + RBF SVM "
+        "(C and gamma chosen on validation speakers).")
+    parser.add_argument("--corpus", default="emodb", help="data config (conf/data/<name>.yaml)")
+    parser.add_argument("--root", help="corpus folder (data.root); default: the config's")
+    parser.add_argument("--protocols", nargs="+", default=["loso", "ltso"], choices=PROTOCOLS)
+    parser.add_argument("--normalisations", nargs="+", default=list(NORMALISATIONS),
+                        choices=NORMALISATIONS)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("overrides", nargs="*", help="further train.py data overrides, after --")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    overrides = [f"data={args.corpus}", *([f"data.root={args.root}"] if args.root else []),
+                 *args.overrides]
+    began = time.perf_counter()
+    manifest, table, skipped, cfg = utterance_table(overrides)
+    extract_seconds = time.perf_counter() - began
+    print(f"{len(manifest)} utterances, {table.shape[1]} functionals each, "
+          f"{len(skipped)} skipped, features in {extract_seconds:.1f} s", flush=True)
+    machine, results = machine_info(), []
+    for protocol, normalisation in itertools.product(args.protocols, args.normalisations):
+        begun, started = started_at(), time.perf_counter()
+        cv = cross_validate(manifest, table, cfg, protocol, normalisation)
+        argv_one = ["--corpus", args.corpus, *(["--root", args.root] if args.root else []),
+                    "--protocols", protocol, "--normalisations", normalisation,
+                    *(["--", *args.overrides] if args.overrides else [])]
+        result = {
+            "benchmark": "baseline",
+            "corpus": args.corpus,
+            "protocol": protocol,
+            "normalisation": normalisation,
+            "transductive": normalisation == "speaker",
+            "model": "RBF SVM (class-balanced)",
+            "feature": f"34 LLDs + deltas x {len(FUNCTIONALS)} functionals ({table.shape[1]})",
+            "grid": {"C": list(C_GRID), "gamma_times_1_over_d": list(GAMMA_SCALES)},
+            "selection": "validation speakers' UAR; refit on train + validation speakers",
+            "command": command_line("bench/baseline.py", argv_one),
+            "started_at": begun,
+            "machine": machine,
+            "utterances": len(manifest),
+            "skipped_files": len(skipped),
+            "feature_seconds": extract_seconds,
+            "wall_seconds": time.perf_counter() - started,
+            **cv,
+        }
+        path = write_result(result, f"baseline-{args.corpus}-{protocol}-{normalisation}",
+                            args.results_dir)
+        print(f"{protocol} / {normalisation}: UAR {mean_std(cv['mean']['uar'], cv['std']['uar'])}"
+              f"  -> {path}", flush=True)
+        results.append(result)
+    print("\n" + format_table(TABLE_HEADERS, table_rows(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
