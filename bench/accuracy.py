@@ -82,13 +82,16 @@ def bench_argv(corpus: str, root: str | None, protocol: str, model: str, feature
     return [*argv, "--", *extra] if extra else argv
 
 
-def result_name(corpus: str, protocol: str, model: str, feature: str) -> str:
+def result_name(corpus: str, protocol: str, model: str, feature: str,
+                normalization: str = "global") -> str:
     name = f"accuracy-{corpus}-{protocol}-{model}"
-    return name if MODEL_FEATURES.get(model) == feature else f"{name}-{feature}"
+    if MODEL_FEATURES.get(model) != feature:
+        name += f"-{feature}"
+    return name if normalization == "global" else f"{name}-{normalization}-norm"
 
 
-def tracking_store(overrides: list[str]) -> tuple[str, str]:
-    """``(tracking URI, experiment name)`` that ``train.py`` will use with ``overrides``.
+def run_settings(overrides: list[str]) -> dict[str, str]:
+    """The tracking URI, experiment and feature normalisation ``train.py`` will use.
 
     Composing the same config here resolves them exactly as the run will (``paths.*``,
     ``logger.mlflow.*``, ``$MLFLOW_TRACKING_URI``) and rejects a bad override before any
@@ -101,8 +104,10 @@ def tracking_store(overrides: list[str]) -> tuple[str, str]:
     mlflow_cfg = cfg.logger.get("mlflow") if cfg.get("logger") else None
     if mlflow_cfg is None:
         raise ValueError("accuracy.py reads results from MLflow: drop logger=none")
-    return (resolve_tracking_uri(mlflow_cfg.get("tracking_uri"), Path(cfg.paths.mlruns_dir)),
-            str(mlflow_cfg.experiment_name))
+    return {"tracking_uri": resolve_tracking_uri(mlflow_cfg.get("tracking_uri"),
+                                                 Path(cfg.paths.mlruns_dir)),
+            "experiment": str(mlflow_cfg.experiment_name),
+            "normalization": str(cfg.data.get("normalization", "global"))}
 
 
 def run_train(overrides: list[str], threads: int | None) -> tuple[int, float, float]:
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print(command)
                 continue
-            tracking_uri, experiment = tracking_store(overrides)
+            settings = run_settings(overrides)
             machine = machine or machine_info()
             begun = started_at()
             print(f"\n=== {protocol} / {model} ({feature}) ===\n{command}", flush=True)
@@ -241,11 +246,13 @@ def main(argv: list[str] | None = None) -> int:
                 "load_average_after": machine_info()["load_average"],
                 "wall_seconds": wall,
                 "peak_rss_mb": peak,
-                "tracking_uri": tracking_uri,
-                **accuracy_result(read_cross_validation(tracking_uri, experiment, bench_id)),
+                "tracking_uri": settings["tracking_uri"],
+                "normalization": settings["normalization"],
+                **accuracy_result(read_cross_validation(settings["tracking_uri"],
+                                                        settings["experiment"], bench_id)),
             }
-            path = write_result(result, result_name(args.corpus, protocol, model, feature),
-                                args.results_dir)
+            name = result_name(args.corpus, protocol, model, feature, settings["normalization"])
+            path = write_result(result, name, args.results_dir)
             print(f"wrote {path}", flush=True)
             results.append(result)
     if results:

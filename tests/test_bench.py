@@ -252,6 +252,17 @@ def test_targets_judge_the_best_loso_model_and_the_default_models_time():
     assert time_target["met"] is True and time_target["source"] == "a"
 
 
+def test_speaker_normalised_lines_are_labelled_and_do_not_count_for_the_target():
+    plain = {**accuracy_result(uar=0.6), "source": "a"}
+    speaker = {**accuracy_result(uar=0.85), "normalization": "speaker", "source": "b"}
+    uar, _ = report.accuracy_targets([plain, speaker], "cnn_blstm_attn")
+    assert (uar["met"], uar["source"]) == (False, "a")
+    assert "logmel, speaker-normalised (transductive)" in report.render([plain, speaker],
+                                                                         "cnn_blstm_attn")
+    assert accuracy.result_name("emodb", "loso", "cnn_blstm_attn", "logmel", "speaker") == \
+        "accuracy-emodb-loso-cnn_blstm_attn-speaker-norm"
+
+
 def test_a_target_without_results_is_not_measured_rather_than_met():
     targets = [*report.accuracy_targets([], "cnn_blstm_attn"), *report.recorded_targets([])]
     assert len(targets) == 4 and all(t["met"] is None for t in targets)

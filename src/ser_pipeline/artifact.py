@@ -51,6 +51,8 @@ class ModelSpec:
     has_gender: bool
     has_dimensions: bool
     info: dict[str, Any] = field(default_factory=dict)
+    #: ``global`` (the stored training statistics) or ``speaker`` (see ``data.NORMALIZATIONS``)
+    normalization: str = "global"
 
     @property
     def sample_rate(self) -> int:
@@ -128,6 +130,9 @@ def read_spec(directory: str | Path) -> ModelSpec:
             f"{sorted(_architectures())}")
     if not isinstance(raw.get("kwargs"), dict) or not isinstance(raw.get("features"), dict):
         raise UnsafeArtifactError(f"{directory / SPEC_FILE}: kwargs and features must be mappings")
+    if raw.get("normalization", "global") not in ("global", "speaker"):
+        raise UnsafeArtifactError(f"{directory / SPEC_FILE}: unknown normalization "
+                                  f"{raw.get('normalization')!r}")
     try:
         return ModelSpec(**raw)
     except TypeError as error:  # missing or unknown fields: not a file we wrote

@@ -34,6 +34,12 @@ from ser_pipeline.splits import Split, make_split
 
 log = logging.getLogger(__name__)
 
+#: ``data.normalization``: ``global`` z-scores features with the training speakers' statistics
+#: (stored with the model); ``speaker`` with each speaker's own statistics over all of its
+#: utterances - classic speaker normalisation, which needs unlabelled audio of a test speaker
+#: before predicting (transductive; inference takes it from the inputs of one call)
+NORMALIZATIONS = ("global", "speaker")
+
 
 class UtteranceDataset(Dataset):
     """Items of one split; features are computed once (or taken from the cache)."""
@@ -42,7 +48,7 @@ class UtteranceDataset(Dataset):
         self,
         rows: pd.DataFrame,
         features: list[torch.Tensor],
-        stats: FeatureStats,
+        stats: FeatureStats | list[FeatureStats],
         classes: list[str],
         domains: list[str],
         domain_classes: dict[str, list[str]],
@@ -52,8 +58,9 @@ class UtteranceDataset(Dataset):
         wave_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.rows = rows.reset_index(drop=True)
-        self.stats = stats
-        self.features = [stats.normalise(f) for f in features]
+        # one FeatureStats for all (training statistics) or one per item (its speaker's)
+        self.stats = stats if isinstance(stats, list) else [stats] * len(features)
+        self.features = [s.normalise(f) for s, f in zip(self.stats, features, strict=True)]
         # with waveform augmentation, features are recomputed from an augmented waveform
         self.waveforms, self.wave_transform = waveforms, wave_transform
         self.crop_frames, self.random_crop = crop_frames, random_crop
@@ -79,7 +86,7 @@ class UtteranceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         features = self.features[index]
         if self.waveforms is not None and self.wave_transform is not None:
-            features = self.stats.normalise(self.wave_transform(self.waveforms[index]))
+            features = self.stats[index].normalise(self.wave_transform(self.waveforms[index]))
         if self.crop_frames is not None and features.shape[-1] > self.crop_frames:
             excess = features.shape[-1] - self.crop_frames
             start = int(torch.randint(0, excess + 1, ())) if self.random_crop else 0
@@ -158,6 +165,7 @@ class SERDataModule(pl.LightningDataModule):
         progress: bool = True,
         augment: dict[str, Any] | None = None,
         balanced_sampling: bool = False,
+        normalization: str = "global",
     ) -> None:
         super().__init__()
         self.name, self.reader, self.root = name, reader, root
@@ -170,6 +178,10 @@ class SERDataModule(pl.LightningDataModule):
         self.max_seconds, self.cache_dir = max_seconds, cache_dir
         self.seed, self.progress = seed, progress
         self.augment, self.balanced_sampling = dict(augment or {}), balanced_sampling
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"data.normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                             f"not {normalization!r}")
+        self.normalization = normalization
         self.split: Split | None = None
         self.skipped: dict[str, str] = {}
         self._prepared = False
@@ -233,11 +245,19 @@ class SERDataModule(pl.LightningDataModule):
             if frame.empty:
                 raise ValueError(f"the {part} split is empty after skipping bad files")
         self.stats = FeatureStats.from_features([by_id[i] for i in rows["train"]["id"]])
+        item_stats = {part: self.stats for part in rows}
+        if self.normalization == "speaker":  # every speaker's own frames (never its labels)
+            by_speaker = {  # keyed with the corpus: speaker ids of two corpora may clash
+                key: FeatureStats.from_features([by_id[i] for i in group["id"]])
+                for key, group in self.manifest.groupby(["corpus", "speaker"])}
+            item_stats = {part: [by_speaker[key] for key in zip(frame["corpus"],
+                                                                 frame["speaker"], strict=True)]
+                          for part, frame in rows.items()}
         crop = None
         if self.max_seconds is not None:
             crop = int(self.max_seconds * sample_rate / self.extractor.hop_length) + 1
         self.datasets = {
-            part: UtteranceDataset(frame, [by_id[i] for i in frame["id"]], self.stats,
+            part: UtteranceDataset(frame, [by_id[i] for i in frame["id"]], item_stats[part],
                                    self.classes, self.domains, self.domain_classes,
                                    crop_frames=crop, random_crop=part == "train")
             for part, frame in rows.items()

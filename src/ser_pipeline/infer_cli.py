@@ -178,7 +178,7 @@ def _predict_whole(predictor: Predictor, path: Path, config: SegmenterConfig) ->
     start_s, end_s = utterances[0].start_s, utterances[-1].end_s
     rate = predictor.sample_rate
     speech = wave[int(start_s * rate) : int(end_s * rate)]
-    return _record(str(path), start_s, end_s, predictor.predict_waveform(speech))
+    return _record(str(path), start_s, end_s, predictor.predict_utterance(speech))
 
 
 def _predict_utterances(
@@ -192,7 +192,7 @@ def _predict_utterances(
             audio = read_audio_segment(path, predictor.sample_rate, utterance.start_s,
                                        utterance.end_s)
         return _record(str(path), utterance.start_s, utterance.end_s,
-                       predictor.predict_waveform(audio))
+                       predictor.predict_utterance(audio))
 
     segmenter = StreamingSegmenter(config)
     peak, found = 0.0, False
@@ -280,7 +280,7 @@ def run_microphone(
         audio = resample(torch.from_numpy(utterance.audio), VAD_SAMPLE_RATE,
                          predictor.sample_rate)
         record = _record("mic", utterance.start_s, utterance.end_s,
-                         predictor.predict_waveform(audio))
+                         predictor.predict_utterance(audio))
         count += 1
         if args.save_dir is not None:
             wav = args.save_dir / f"mic-{session}-{count:03d}.wav"
@@ -337,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     predictor = _load_predictor(args)
     if predictor is None:
         return 1
+    if predictor.speaker_normalised:
+        print("note: this model normalises features per speaker; the statistics grow with every "
+              "utterance of this session, so give one speaker's audio per call (the first "
+              "predictions rest on the least audio)", file=sys.stderr, flush=True)
     if microphone is not None:
         return run_microphone(args, microphone, predictor)
     files, errors = expand_inputs(args.inputs)

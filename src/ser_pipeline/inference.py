@@ -1,8 +1,14 @@
 """Predictor: a loaded model directory turned into emotion predictions.
 
 The same preprocessing as training (``read_audio`` -> feature extractor ->
-training-split normalisation -> padding) with the parameters stored in the
-model directory. Used by ``infer.py``, the MLflow pyfunc model and benchmarks.
+normalisation -> padding) with the parameters stored in the model directory. Used by
+``infer.py``, the MLflow pyfunc model and benchmarks.
+
+Normalisation is the training split's statistics, or, for a model trained with
+``data.normalization=speaker``, the statistics of the speaker being predicted: those
+accumulated with :meth:`Predictor.adapt` (``infer.py`` adds every utterance it hears,
+so a session is one speaker), else those of the waveforms of one
+:meth:`Predictor.predict_waveforms` call (a call is one speaker).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 
 from ser_pipeline.artifact import LoadedModel, load_model_dir
 from ser_pipeline.audio import read_audio
-from ser_pipeline.features.batching import pad_batch
+from ser_pipeline.features.batching import FeatureStats, RunningStats, pad_batch
 
 
 class Predictor:
@@ -25,6 +31,7 @@ class Predictor:
         self.spec = model.spec
         self.top_k = min(top_k, len(self.spec.classes))
         self.tta_views = tta_views
+        self.speaker = RunningStats() if self.speaker_normalised else None
 
     @classmethod
     def from_dir(cls, directory: str | Path, top_k: int = 3, tta_views: int = 1) -> Predictor:
@@ -38,9 +45,32 @@ class Predictor:
     def classes(self) -> list[str]:
         return list(self.spec.classes)
 
+    @property
+    def speaker_normalised(self) -> bool:
+        return self.spec.normalization == "speaker"
+
+    def adapt(self, waveform: torch.Tensor) -> None:
+        """Add a waveform of the current speaker to its statistics (speaker-normalised models)."""
+        if self.speaker is not None:
+            self.speaker.update(self.model.extractor(waveform))
+
+    def reset_speaker(self) -> None:
+        """Forget the statistics gathered with :meth:`adapt` (a new speaker follows)."""
+        if self.speaker is not None:
+            self.speaker = RunningStats()
+
+    def _stats(self, raw: list[torch.Tensor]) -> FeatureStats:
+        """The statistics that normalise ``raw`` features of one speaker."""
+        if self.speaker is None:
+            return self.model.stats
+        if self.speaker.count:
+            return self.speaker.stats()
+        return FeatureStats.from_features(raw)
+
     def features(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` at ``sample_rate`` -> normalised ``(channels, n_features, frames)``."""
-        return self.model.stats.normalise(self.model.extractor(waveform))
+        raw = self.model.extractor(waveform)
+        return self._stats([raw]).normalise(raw)
 
     @torch.no_grad()
     def predict_waveforms(self, waveforms: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -70,8 +100,10 @@ class Predictor:
 
     def _outputs(self, waveforms: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Network outputs with class probabilities (averaged over TTA views when enabled)."""
+        raw = [self.model.extractor(w) for w in waveforms]
+        stats = self._stats(raw)
         if self.tta_views <= 1:
-            features, lengths = pad_batch([self.features(w) for w in waveforms])
+            features, lengths = pad_batch([stats.normalise(r) for r in raw])
             outputs = self.model.net(features, lengths)
             return {**outputs, "emotion": outputs["emotion"].softmax(-1),
                     "gender": outputs["gender"].softmax(-1)}
@@ -80,13 +112,23 @@ class Predictor:
         per_view: list[dict[str, torch.Tensor]] = []
         views = [tta_views(w, self.tta_views, generator=0) for w in waveforms]
         for v in range(self.tta_views):
-            features, lengths = pad_batch([self.features(item[v]) for item in views])
+            features, lengths = pad_batch([stats.normalise(self.model.extractor(item[v]))
+                                           for item in views])
             outputs = self.model.net(features, lengths)
             per_view.append({k: outputs[k] for k in ("emotion", "gender", "vad")})
         return average_predictions(per_view)
 
     def predict_waveform(self, waveform: torch.Tensor) -> dict[str, Any]:
         return self.predict_waveforms([waveform])[0]
+
+    def predict_utterance(self, waveform: torch.Tensor) -> dict[str, Any]:
+        """The next utterance of a session's one speaker (``infer.py``'s files and microphone).
+
+        A speaker-normalised model first adds it to the speaker statistics, so each prediction
+        uses everything heard so far; any other model just predicts it.
+        """
+        self.adapt(waveform)
+        return self.predict_waveform(waveform)
 
     def predict_file(self, path: str | Path) -> dict[str, Any]:
         """Whole-file prediction (no segmentation); raises AudioError for bad files."""

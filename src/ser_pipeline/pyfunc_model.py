@@ -29,16 +29,22 @@ class SERPyfuncModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from ser_pipeline.audio import decode_audio_bytes, read_audio
 
-        rows = []
+        waves = []
         for _, item in model_input.iterrows():
             path, encoded = item.get("path"), item.get("audio_base64")
             if isinstance(encoded, str) and encoded:
-                wave = decode_audio_bytes(base64.b64decode(encoded), self.predictor.sample_rate)
+                waves.append(decode_audio_bytes(base64.b64decode(encoded),
+                                                self.predictor.sample_rate))
             elif isinstance(path, str) and path:
-                wave = read_audio(path, self.predictor.sample_rate)
+                waves.append(read_audio(path, self.predictor.sample_rate))
             else:
                 raise ValueError("each row needs a 'path' or an 'audio_base64' value")
-            result = self.predictor.predict_waveform(wave)
+        if self.predictor.speaker_normalised:  # a request is one speaker: its statistics
+            results = self.predictor.predict_waveforms(waves)
+        else:
+            results = [self.predictor.predict_waveform(wave) for wave in waves]
+        rows = []
+        for result in results:
             row = {key: result[key] for key in ("emotion", "gender", "valence", "arousal",
                                                 "dominance")}
             row.update({f"score_{c}": s for c, s in result["scores"].items()})

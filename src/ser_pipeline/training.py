@@ -106,6 +106,7 @@ def _run_tags(cfg: DictConfig, datamodule: SERDataModule, root: Path) -> dict[st
         "speaker_independent": str(split.speaker_independent).lower(),
         "evaluation": ("speaker-independent" if split.speaker_independent
                        else "SPEAKER-DEPENDENT (same speakers in train and test)"),
+        "normalization": datamodule.normalization,
         "fold": str(split.fold),
         "n_folds": str(split.n_folds),
         "test_speakers": ",".join(split.test_speakers),
@@ -260,6 +261,7 @@ def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
         "dimensions": list(DIMENSIONS),
         "has_gender": datamodule.has_gender,
         "has_dimensions": datamodule.has_dimensions,
+        "normalization": datamodule.normalization,
         "info": {"corpus": datamodule.name, "model": str(cfg.model.name),
                  "run_id": result["run_id"], "split": datamodule.split.summary(),
                  "test_metrics": result.get("test", {})},
@@ -289,10 +291,15 @@ def evaluate_with_tta(model_dir: Path, datamodule: SERDataModule, views: int) ->
     from ser_pipeline.inference import Predictor
 
     predictor = Predictor.from_dir(model_dir, tta_views=views)
-    rows = datamodule.datasets["test"].rows
-    predicted = [predictor.predict_waveform(read_audio(p, predictor.sample_rate))["emotion"]
-                 for p in rows["path"]]
-    truth = rows["emotion"].tolist()
+    truth, predicted = [], []
+    # one call per test speaker: a speaker-normalised model takes that speaker's statistics
+    for _, rows in datamodule.datasets["test"].rows.groupby(["corpus", "speaker"]):
+        waveforms = [read_audio(p, predictor.sample_rate) for p in rows["path"]]
+        if predictor.speaker_normalised:
+            predicted += [r["emotion"] for r in predictor.predict_waveforms(waveforms)]
+        else:  # one at a time: no padding, exactly as infer.py sees each file
+            predicted += [predictor.predict_waveform(w)["emotion"] for w in waveforms]
+        truth += rows["emotion"].tolist()
     return {"uar": recall_score(truth, predicted, average="macro", zero_division=0),
             "wa": accuracy_score(truth, predicted),
             "f1": f1_score(truth, predicted, average="macro", zero_division=0)}

@@ -20,16 +20,48 @@ class FeatureStats:
     @classmethod
     def from_features(cls, features: list[torch.Tensor]) -> FeatureStats:
         """Statistics over every frame of ``features`` (each ``(channels, n_features, frames)``)."""
-        frames = torch.cat(features, dim=-1).double()
-        mean = frames.mean(dim=-1, keepdim=True)
-        std = frames.std(dim=-1, keepdim=True).clamp_min(1e-5)
-        return cls(mean.float(), std.float())
+        running = RunningStats()
+        for item in features:
+            running.update(item)
+        return running.stats()
 
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.mean) / self.std
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {"feature_mean": self.mean, "feature_std": self.std}
+
+
+class RunningStats:
+    """Frame statistics accumulated as features arrive (sums in float64).
+
+    Training uses it once over a set of utterances; a speaker-normalised model at inference
+    keeps one per speaker and adds every utterance it hears (``Predictor.adapt``).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: torch.Tensor | None = None
+        self.total_sq: torch.Tensor | None = None
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add the frames of one ``(channels, n_features, frames)`` tensor."""
+        frames = features.detach().double()
+        total, total_sq = frames.sum(-1, keepdim=True), frames.pow(2).sum(-1, keepdim=True)
+        if self.total is None or self.total_sq is None:
+            self.total, self.total_sq = total, total_sq
+        else:
+            self.total, self.total_sq = self.total + total, self.total_sq + total_sq
+        self.count += frames.shape[-1]
+
+    def stats(self) -> FeatureStats:
+        """Mean and (unbiased) std of every frame added so far."""
+        if self.total is None or self.total_sq is None or self.count == 0:
+            raise ValueError("no frames to compute statistics from")
+        mean = self.total / self.count
+        variance = (self.total_sq - self.count * mean.pow(2)) / max(self.count - 1, 1)
+        std = variance.clamp_min(0).sqrt().clamp_min(1e-5)
+        return FeatureStats(mean.float(), std.float())
 
 
 def pad_batch(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
