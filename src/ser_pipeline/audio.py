@@ -64,12 +64,18 @@ def _open(path: Path) -> sf.SoundFile:
 
 def _to_mono_float(block: np.ndarray, path: Path) -> torch.Tensor:
     """``(frames, channels)`` -> mono ``(frames,)`` float32, refusing non-finite samples."""
-    mono = block.mean(axis=1, dtype=np.float64) if block.ndim == 2 else block.astype(np.float64)
-    if not np.isfinite(mono).all():
+    block = np.asarray(block, dtype=np.float32)
+    if block.ndim == 2:  # a mono file is a view of its one column, not a reduction over it
+        mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+    else:
+        mono = block
+    # one pass: NaN and inf both make the peak non-finite (finite float32 samples cannot)
+    peak = float(np.abs(mono).max()) if mono.size else 0.0
+    if not math.isfinite(peak):
         raise AudioError(path, "contains NaN or infinite samples")
-    if mono.size and np.abs(mono).max() > MAX_ABS_SAMPLE:
-        raise AudioError(path, f"samples far outside [-1, 1] (peak {np.abs(mono).max():.3g})")
-    return torch.from_numpy(mono.astype(np.float32))
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(path, f"samples far outside [-1, 1] (peak {peak:.3g})")
+    return torch.from_numpy(np.ascontiguousarray(mono))
 
 
 @functools.lru_cache(maxsize=16)
