@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +17,7 @@ from omegaconf import OmegaConf
 
 from ser_pipeline.crossval import fold_config, summarise_folds
 from ser_pipeline.splits import count_folds, make_split
-from tests.e2e import FAST, run_script, store_uri
+from tests.e2e import FAST, REPO, project_env, run_script, store_uri
 
 
 def test_fold_config_sets_fold_output_folder_and_keeps_fold_models_unregistered(tmp_path):
@@ -115,3 +119,66 @@ def test_console_shows_the_fold_table_and_mean_with_std(cross_validated):
     _, result, _, parent, _ = cross_validated
     assert "=== cross-validation: group_kfold, 3/3 folds ===" in result.stdout
     assert f"UAR:      {parent.data.metrics['cv/uar_mean']:.4f} ± " in result.stdout
+
+
+@pytest.mark.slow
+def test_two_worker_processes_give_the_sequential_folds_results(cross_validated, tmp_path):
+    """``cv.workers=2``: same child runs and metrics as one fold after another (each seeds)."""
+    _, _, _, _, sequential = cross_validated
+    result = run_script("train.py", [*FAST, "data.fold=all", "data.split=group_kfold",
+                                     "data.n_folds=3", "trainer.limit_val_batches=1",
+                                     "logger.mlflow.log_model=false", "cv.workers=2"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 worker processes" in result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=store_uri(tmp_path))
+    experiment = client.get_experiment_by_name("ser-pipeline")
+    parent = client.search_runs([experiment.experiment_id], "tags.cross_validation = 'true'")[0]
+    folds = sorted(client.search_runs([experiment.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}'"),
+                   key=lambda r: int(r.data.tags["fold"]))
+    assert parent.info.status == "FINISHED" and parent.data.metrics["cv/folds_run"] == 3
+    # each fold checkpoints into its own folder, as in a sequential run
+    assert len(list(tmp_path.glob("outputs/**/fold*/checkpoints/last.ckpt"))) == 3
+    assert all(run.info.status == "FINISHED" for run in folds)
+    for parallel_run, sequential_run in zip(folds, sequential, strict=True):
+        for metric in ("test/uar", "test/wa", "test/loss"):
+            assert parallel_run.data.metrics[metric] == sequential_run.data.metrics[metric]
+
+
+def test_a_failing_fold_stops_the_workers_and_fails_the_run(tmp_path):
+    result = run_script("train.py", [*FAST, "data.fold=all", "data.split=group_kfold",
+                                     "data.n_folds=3", "logger.mlflow.log_model=false",
+                                     "cv.workers=2", "model.lr=-1"], tmp_path)  # AdamW refuses it
+    assert result.returncode != 0
+    assert "fold 0 failed" in result.stderr or "fold 1 failed" in result.stderr
+    assert "Invalid learning rate" in result.stderr
+    client = MlflowClient(tracking_uri=store_uri(tmp_path))
+    experiment = client.get_experiment_by_name("ser-pipeline")
+    parent = client.search_runs([experiment.experiment_id], "tags.cross_validation = 'true'")[0]
+    assert parent.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_worker_and_marks_the_runs_killed(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *FAST, "data.fold=all", "data.split=group_kfold",
+         "data.n_folds=3", "logger.mlflow.log_model=false", "cv.workers=2",
+         "trainer.max_epochs=400", "callbacks.early_stopping.patience=400"],
+        cwd=tmp_path, env=project_env(tmp_path), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("outputs/**/fold*/checkpoints/last.ckpt"))) < 2:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the two workers wrote no checkpoints"
+        time.sleep(0.2)  # polling for both workers' first checkpoint
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=180)
+    assert process.returncode != 0
+    client = MlflowClient(tracking_uri=store_uri(tmp_path))
+    experiment = client.get_experiment_by_name("ser-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("cross_validation") == "true")
+    folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "KILLED"
+    assert len(folds) == 2 and all(run.info.status == "KILLED" for run in folds)
+    assert len(list(tmp_path.glob("outputs/**/fold*/checkpoints/interrupted.ckpt"))) == 2

@@ -11,12 +11,19 @@ The corpus is read once and handed to every fold; features come from the
 on-disk cache after the first fold, so folds after the first skip extraction.
 Fold models are logged but not registered: they are evaluation by-products,
 not candidates for the model registry.
+
+``cv.workers=N`` trains N folds at a time, each in its own process with
+``threads / N`` threads (on 2 cores, two 1-thread folds beat one 2-thread fold by far).
+Every fold seeds itself, so the folds' results are those of the sequential run.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import multiprocessing
+import queue
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,10 +32,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ser_pipeline import tracking
+from ser_pipeline.callbacks import StopOnSignal
 from ser_pipeline.data import SERDataModule
 from ser_pipeline.splits import count_folds
 
@@ -129,38 +138,129 @@ def cross_validate(
     return summary
 
 
+def _train_fold(cfg: DictConfig, fold: int, output_dir: Path, manifest: pd.DataFrame,
+                run_id: str | None, callbacks: list[pl.Callback] | None) -> dict[str, Any]:
+    """Train and test one fold: its summary row, test confusion counts and class names."""
+    from ser_pipeline.training import train
+
+    fold_cfg = fold_config(cfg, fold, output_dir)
+    datamodule = _datamodule(fold_cfg, manifest)
+    result = train(fold_cfg, parent_run_id=run_id, datamodule=datamodule,
+                   extra_callbacks=callbacks, extra_tags={"cv_fold": str(fold)})
+    test = result["test"]
+    return {"row": {"fold": fold, "run_id": result.get("run_id"),
+                    "test_speakers": list(datamodule.split.test_speakers),
+                    "uar": test["uar"], "wa": test["wa"], "f1": test["f1"],
+                    "val_uar": result["best_val_uar"], "epochs": result["epochs"]},
+            "confusion": result["module"].test_confusion.tolist(),
+            "classes": list(datamodule.classes)}
+
+
 def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
                run_id: str | None, fold_callbacks: FoldCallbacks | None,
                stop_after_fold: StopAfterFold | None) -> dict[str, Any]:
-    from ser_pipeline.training import train
-
+    workers = min(int(OmegaConf.select(cfg, "cv.workers", default=1) or 1), n_folds)
+    if workers > 1 and (fold_callbacks or stop_after_fold):
+        # pruning callbacks and early stops act between folds of one process (tune.py)
+        log.warning("cv.workers=%d ignored: this cross-validation reports each fold as it "
+                    "ends (e.g. to a tuning trial), so its folds run one after another", workers)
+        workers = 1
+    if workers > 1:
+        trained = iter(_parallel_folds(cfg, manifest, n_folds, output_dir, run_id, workers))
+    else:
+        trained = (_train_fold(cfg, fold, output_dir, manifest, run_id,
+                               fold_callbacks(fold) if fold_callbacks else None)
+                   for fold in range(n_folds))
     folds: list[dict[str, Any]] = []
     confusion: np.ndarray | None = None
     classes: list[str] = list(cfg.data.classes)
-    for fold in range(n_folds):
-        fold_cfg = fold_config(cfg, fold, output_dir)
-        datamodule = _datamodule(fold_cfg, manifest)
-        result = train(fold_cfg, parent_run_id=run_id, datamodule=datamodule,
-                       extra_callbacks=fold_callbacks(fold) if fold_callbacks else None,
-                       extra_tags={"cv_fold": str(fold)})
-        test = result["test"]
-        folds.append({"fold": fold, "run_id": result.get("run_id"),
-                      "test_speakers": list(datamodule.split.test_speakers),
-                      "uar": test["uar"], "wa": test["wa"], "f1": test["f1"],
-                      "val_uar": result["best_val_uar"], "epochs": result["epochs"]})
-        classes = datamodule.classes
-        fold_confusion = np.asarray(result["module"].test_confusion.tolist(), dtype=np.int64)
+    for fold_result in trained:
+        row, classes = fold_result["row"], fold_result["classes"]
+        folds.append(row)
+        fold_confusion = np.asarray(fold_result["confusion"], dtype=np.int64)
         confusion = fold_confusion if confusion is None else confusion + fold_confusion
-        log.info("fold %d/%d (test %s): UAR %.4f  WA %.4f  F1 %.4f", fold + 1, n_folds,
-                 ",".join(folds[-1]["test_speakers"]), test["uar"], test["wa"], test["f1"])
+        log.info("fold %d/%d (test %s): UAR %.4f  WA %.4f  F1 %.4f", row["fold"] + 1, n_folds,
+                 ",".join(row["test_speakers"]), row["uar"], row["wa"], row["f1"])
         if run_id is not None:
-            mlflow.log_metrics({f"cv/fold_{name}": folds[-1][name] for name in FOLD_METRICS},
-                               step=fold)
-        if stop_after_fold is not None and stop_after_fold(fold, folds[-1]):
+            mlflow.log_metrics({f"cv/fold_{name}": row[name] for name in FOLD_METRICS},
+                               step=row["fold"])
+        if stop_after_fold is not None and stop_after_fold(row["fold"], row):
             break
     return {"run_id": run_id, "protocol": str(cfg.data.split), "n_folds": n_folds,
             "classes": classes, "complete": len(folds) == n_folds, "folds": folds,
             **summarise_folds(folds), "confusion": confusion.tolist()}
+
+
+def _parallel_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
+                    run_id: str | None, workers: int) -> list[dict[str, Any]]:
+    """Every fold's result (in fold order), trained by ``workers`` processes.
+
+    Why not ``concurrent.futures``: on Ctrl-C / SIGTERM the workers must be told to stop
+    (their folds then end KILLED with a checkpoint, like a sequential run's), and a process
+    pool does not hand out its processes. A fold that fails stops the others and raises here.
+    """
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch/MLflow
+    jobs: Any = context.Queue()
+    results: Any = context.Queue()
+    for fold in range(n_folds):
+        jobs.put(fold)
+    for _ in range(workers):
+        jobs.put(None)  # one "no more folds" per worker
+    threads = max(1, torch.get_num_threads() // workers)
+    # ${hydra:...} (paths.output_dir) only resolves in this process; everything else stays an
+    # interpolation, so that ${paths.output_dir}/checkpoints follows each fold's folder
+    resolved = OmegaConf.to_container(cfg, resolve=False)
+    resolved["paths"] = OmegaConf.to_container(cfg.paths, resolve=True)
+    processes = [context.Process(
+        target=_fold_worker, name=f"cv-worker-{i}",
+        args=(resolved, manifest, str(output_dir), run_id, threads, jobs, results))
+        for i in range(workers)]
+    log.info("cross-validation: %d worker processes, %d thread(s) each", workers, threads)
+    for process in processes:
+        process.start()
+    done: dict[int, dict[str, Any]] = {}
+    try:
+        with StopOnSignal() as stop:
+            while len(done) < n_folds:
+                stop.check()
+                try:
+                    fold, outcome = results.get(timeout=0.5)
+                except queue.Empty:
+                    if not any(p.is_alive() for p in processes) and results.empty():
+                        raise RuntimeError("cross-validation workers exited before every fold "
+                                           f"was trained ({len(done)}/{n_folds} done)") from None
+                    continue
+                if isinstance(outcome, str):  # the worker's traceback
+                    raise RuntimeError(f"fold {fold} failed:\n{outcome}")
+                done[fold] = outcome
+    except BaseException:
+        for process in processes:  # SIGTERM: each fold stops at a batch boundary, KILLED
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=120)
+            if process.is_alive():
+                process.kill()
+        raise
+    for process in processes:
+        process.join()
+    return [done[fold] for fold in range(n_folds)]
+
+
+def _fold_worker(resolved: dict, manifest: pd.DataFrame, output_dir: str, run_id: str | None,
+                 threads: int, jobs: Any, results: Any) -> None:
+    """A worker process: train folds from ``jobs`` until told to stop; report to ``results``."""
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(asctime)s][%(processName)s][%(name)s] - %(message)s")
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.create(resolved)
+    while (fold := jobs.get()) is not None:
+        try:
+            results.put((fold, _train_fold(cfg, fold, Path(output_dir), manifest, run_id,
+                                           None)))
+        except Exception:
+            results.put((fold, traceback.format_exc()))
+            return
 
 
 def _log_summary(summary: dict[str, Any]) -> None:
