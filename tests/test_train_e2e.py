@@ -116,3 +116,21 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     assert result.returncode != 0
     assert "http://127.0.0.1:9" in result.stderr and "unreachable" in result.stderr
     assert not (tmp_path / "data").exists()  # nothing was generated or trained
+
+
+def test_speaker_normalised_training_is_tagged_recorded_and_predicts(tmp_path):
+    result = run_script("train.py", [*FAST, "data.normalization=speaker",
+                                     "logger.mlflow.log_model=false"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=store_uri(tmp_path))
+    experiment = client.get_experiment_by_name("ser-pipeline")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["normalization"] == "speaker"
+    model_dir = next((tmp_path / "outputs").rglob("model/model.yaml")).parent
+    assert "normalization: speaker" in (model_dir / "model.yaml").read_text()
+    wavs = sorted((tmp_path / "data" / "synthetic" / "wav").rglob("*.wav"))[:2]
+    predicted = run_script("infer.py", ["--model", str(model_dir), "--json", *map(str, wavs)],
+                           tmp_path)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len(predicted.stdout.splitlines()) == 2
+    assert "normalises features per speaker" in predicted.stderr
