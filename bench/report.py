@@ -74,7 +74,8 @@ def sorted_accuracy(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def key(r: dict[str, Any]) -> tuple:
         protocol = r["protocol"]
         rank = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else 99
-        return (r["corpus"], rank, _model_rank(r["model"]), r["model"], r["feature"])
+        return (r["corpus"], rank, _model_rank(r["model"]), r["model"],
+                r.get("normalization", "global") != "global", r["feature"])
 
     return sorted(of_kind(results, "accuracy"), key=key)
 
@@ -148,18 +149,28 @@ def accuracy_section(results: list[dict[str, Any]]) -> list[str]:
               mean_std(r["mean"]["wa"], r["std"]["wa"]),
               mean_std(r["mean"]["f1"], r["std"]["f1"]),
               f"{r['epochs_mean']:.1f}", f"{r['wall_seconds'] / 60:.1f} min",
-              machine_label(r["machine"])] for i, r in enumerate(rows, 1)]
+              machine_label(r["machine"]), _run_load(r)] for i, r in enumerate(rows, 1)]
     lines += [format_table(["#", "corpus", "protocol", "model", "feature", "folds", "UAR", "WA",
-                            "macro-F1", "epochs", "wall time", "machine"], table, markdown=True),
+                            "macro-F1", "epochs", "wall time", "machine", "load/CPU"], table,
+                           markdown=True),
               "", "UAR, WA and macro-F1 are mean ± standard deviation over the test folds; "
               "epochs is the mean number trained per fold (early stopping on validation "
               "speakers). *speaker-normalised* lines z-score every speaker's features with "
               "its own statistics (`data.normalization=speaker`), which needs unlabelled audio "
               "of a test speaker before predicting; the others use training statistics only. "
+              "*load/CPU* is the 1-minute load average at the start / the 15-minute one at the "
+              "end, per CPU: above 1, other work (often another of these benchmarks) shared the "
+              "cores and the wall time is longer than on an idle machine. "
               "Each line is reproduced by:", ""]
     lines += [f"{i}. `{r['bench_command']}`  \n   (runs `{_short_train_command(r)}`)"
               for i, r in enumerate(rows, 1)]
     return [*lines, ""]
+
+
+def _run_load(result: dict[str, Any]) -> str:
+    cpus = result["machine"].get("cpus_available") or 1
+    end = result.get("load_average_after")
+    return load_label(result["machine"]) + (f" / {end[2] / cpus:.1f}" if end else "")
 
 
 def _feature_label(result: dict[str, Any]) -> str:
