@@ -49,7 +49,6 @@ class CheckpointOnInterrupt(pl.Callback):
             log.error("could not write %s: %s", path, error)
 
 
-
 class TerminationRequested(KeyboardInterrupt):
     """SIGINT or SIGTERM, as the interrupt Lightning already shuts down cleanly on."""
 
