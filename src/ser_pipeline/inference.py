@@ -73,9 +73,13 @@ class Predictor:
         return self._stats([raw]).normalise(raw)
 
     @torch.no_grad()
-    def predict_waveforms(self, waveforms: list[torch.Tensor]) -> list[dict[str, Any]]:
-        """One prediction dict per mono waveform ``(time,)`` at ``sample_rate``."""
-        outputs = self._outputs(waveforms)
+    def predict_waveforms(self, waveforms: list[torch.Tensor],
+                          raw: list[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+        """One prediction dict per mono waveform ``(time,)`` at ``sample_rate``.
+
+        ``raw``: their unnormalised features, when the caller has them already.
+        """
+        outputs = self._outputs(waveforms, raw)
         probabilities = outputs["emotion"]
         results = []
         for i in range(len(waveforms)):
@@ -98,9 +102,11 @@ class Predictor:
             results.append(result)
         return results
 
-    def _outputs(self, waveforms: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _outputs(self, waveforms: list[torch.Tensor], raw: list[torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
         """Network outputs with class probabilities (averaged over TTA views when enabled)."""
-        raw = [self.model.extractor(w) for w in waveforms]
+        if raw is None:
+            raw = [self.model.extractor(w) for w in waveforms]
         stats = self._stats(raw)
         if self.tta_views <= 1:
             features, lengths = pad_batch([stats.normalise(r) for r in raw])
@@ -127,8 +133,10 @@ class Predictor:
         A speaker-normalised model first adds it to the speaker statistics, so each prediction
         uses everything heard so far; any other model just predicts it.
         """
-        self.adapt(waveform)
-        return self.predict_waveform(waveform)
+        raw = self.model.extractor(waveform)  # once, for the statistics and the prediction
+        if self.speaker is not None:
+            self.speaker.update(raw)
+        return self.predict_waveforms([waveform], [raw])[0]
 
     def predict_file(self, path: str | Path) -> dict[str, Any]:
         """Whole-file prediction (no segmentation); raises AudioError for bad files."""
