@@ -102,14 +102,6 @@ def speaker_normalised(table: np.ndarray, speakers: np.ndarray) -> np.ndarray:
     return out
 
 
-def scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score, recall_score
-
-    return {"uar": float(recall_score(truth, predicted, average="macro", zero_division=0)),
-            "wa": float(accuracy_score(truth, predicted)),
-            "f1": float(f1_score(truth, predicted, average="macro", zero_division=0))}
-
-
 def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float) -> Any:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -122,18 +114,20 @@ def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float) -> Any:
 def run_fold(table: np.ndarray, labels: np.ndarray, parts: dict[str, np.ndarray]
              ) -> dict[str, Any]:
     """Choose (C, gamma) on validation speakers, refit on train + val, score the test speakers."""
+    from ser_pipeline.training import label_scores
+
     train, val, test = parts["train"], parts["val"], parts["test"]
     tried = []
     for c, gamma in itertools.product(C_GRID, GAMMA_SCALES):
         model = fit_svm(table[train], labels[train], c, gamma)
-        tried.append((scores(labels[val], model.predict(table[val]))["uar"], -c, -gamma))
+        tried.append((label_scores(labels[val], model.predict(table[val]))["uar"], -c, -gamma))
     val_uar, neg_c, neg_gamma = max(tried)  # ties: the smaller C and gamma (simpler model)
     c, gamma = -neg_c, -neg_gamma
     fit_rows = train | val
     model = fit_svm(table[fit_rows], labels[fit_rows], c, gamma)
     predicted = model.predict(table[test])
     return {"val_uar": val_uar, "C": c, "gamma_scale": gamma, "predicted": predicted,
-            **scores(labels[test], predicted)}
+            **label_scores(labels[test], predicted)}
 
 
 def cross_validate(manifest: Any, table: np.ndarray, cfg: Any, protocol: str,

@@ -285,8 +285,6 @@ def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
 
 def evaluate_with_tta(model_dir: Path, datamodule: SERDataModule, views: int) -> dict[str, float]:
     """Test metrics with test-time augmentation, through the inference path (``Predictor``)."""
-    from sklearn.metrics import accuracy_score, f1_score, recall_score
-
     from ser_pipeline.audio import read_audio
     from ser_pipeline.inference import Predictor
 
@@ -300,9 +298,16 @@ def evaluate_with_tta(model_dir: Path, datamodule: SERDataModule, views: int) ->
         else:  # one at a time: no padding, exactly as infer.py sees each file
             predicted += [predictor.predict_waveform(w)["emotion"] for w in waveforms]
         truth += rows["emotion"].tolist()
-    return {"uar": recall_score(truth, predicted, average="macro", zero_division=0),
-            "wa": accuracy_score(truth, predicted),
-            "f1": f1_score(truth, predicted, average="macro", zero_division=0)}
+    return label_scores(truth, predicted)
+
+
+def label_scores(truth: Any, predicted: Any) -> dict[str, float]:
+    """UAR, WA and macro-F1 of predicted labels (TTA evaluation, the SVM reference)."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    return {"uar": float(recall_score(truth, predicted, average="macro", zero_division=0)),
+            "wa": float(accuracy_score(truth, predicted)),
+            "f1": float(f1_score(truth, predicted, average="macro", zero_division=0))}
 
 
 def print_summary(result: dict[str, Any]) -> None:
