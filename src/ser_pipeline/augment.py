@@ -140,13 +140,15 @@ def time_shift(
 
 
 class WaveAugment(nn.Module):
-    """Random speed perturbation, time shift and additive noise, each with a probability.
+    """Random speed perturbation, time shift, gain and additive noise, each with a probability.
 
     ``forward(wave, generator=None)`` takes ``(time,)`` or ``(batch, time)`` (rows
     augmented independently) and applies, in this order: speed perturbation with a
     factor drawn from the discrete set ``speeds`` (like Kaldi's 0.9/1.0/1.1), a roll
-    by up to ``max_shift_s`` seconds, then white noise at an SNR drawn uniformly from
-    ``snr_db`` (last, so the SNR holds for the final signal). Identity in eval mode.
+    by up to ``max_shift_s`` seconds, a gain drawn uniformly from ``gain_db`` (a quieter or
+    louder microphone; clipped to [-1, 1] like a real converter), then white noise at an SNR
+    drawn uniformly from ``snr_db`` (last, so the SNR holds for the final signal). Identity
+    in eval mode.
     """
 
     def __init__(
@@ -157,6 +159,8 @@ class WaveAugment(nn.Module):
         speeds: Sequence[float] = (0.9, 1.1),
         shift_prob: float = 0.0,
         max_shift_s: float = 0.1,
+        gain_prob: float = 0.0,
+        gain_db: tuple[float, float] = (-20.0, 10.0),
         sample_rate: int = 16000,
     ) -> None:
         super().__init__()
@@ -165,6 +169,7 @@ class WaveAugment(nn.Module):
         self.noise_prob, self.snr_db = noise_prob, tuple(snr_db)
         self.speed_prob, self.speeds = speed_prob, tuple(speeds)
         self.shift_prob, self.max_shift_s, self.sample_rate = shift_prob, max_shift_s, sample_rate
+        self.gain_prob, self.gain_db = gain_prob, tuple(gain_db)
 
     def forward(self, wave: torch.Tensor, generator: Seed = None) -> torch.Tensor:
         """``(time,)`` or ``(batch, time)`` -> same shape and dtype."""
@@ -178,6 +183,9 @@ class WaveAugment(nn.Module):
             wave = speed_perturb(wave, self.speeds[choice], self.sample_rate)
         if _happens(self.shift_prob, generator):
             wave = time_shift(wave, round(self.max_shift_s * self.sample_rate), generator)
+        if _happens(self.gain_prob, generator):
+            gain = 10.0 ** (_uniform_between(*self.gain_db, generator) / 20.0)
+            wave = (wave * gain).clamp(-1.0, 1.0)
         if _happens(self.noise_prob, generator):
             snr = _uniform_between(*self.snr_db, generator)
             wave = add_noise(wave, snr, generator=generator)

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 #: ``data.normalization``: ``global`` z-scores features with the training speakers' statistics
 #: (stored with the model); ``speaker`` with each speaker's own statistics over all of its
 #: utterances - classic speaker normalisation, which needs unlabelled audio of a test speaker
-#: before predicting (transductive; inference takes it from the inputs of one call)
-NORMALIZATIONS = ("global", "speaker")
+#: before predicting (transductive; inference takes it from the inputs of one call);
+#: ``utterance`` z-scores every utterance with its own statistics (inductive, level-invariant)
+NORMALIZATIONS = ("global", "speaker", "utterance")
 
 
 class UtteranceDataset(Dataset):
@@ -48,7 +49,7 @@ class UtteranceDataset(Dataset):
         self,
         rows: pd.DataFrame,
         features: list[torch.Tensor],
-        stats: FeatureStats | list[FeatureStats],
+        stats: FeatureStats | list[FeatureStats] | None,
         classes: list[str],
         domains: list[str],
         domain_classes: dict[str, list[str]],
@@ -58,9 +59,11 @@ class UtteranceDataset(Dataset):
         wave_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.rows = rows.reset_index(drop=True)
-        # one FeatureStats for all (training statistics) or one per item (its speaker's)
+        # one FeatureStats for all (training statistics), one per item (its speaker's) or
+        # None: every item (and every augmented copy of it) normalised with its own statistics
+        self.per_utterance = stats is None
         self.stats = stats if isinstance(stats, list) else [stats] * len(features)
-        self.features = [s.normalise(f) for s, f in zip(self.stats, features, strict=True)]
+        self.features = [self._normalise(i, f) for i, f in enumerate(features)]
         # with waveform augmentation, features are recomputed from an augmented waveform
         self.waveforms, self.wave_transform = waveforms, wave_transform
         self.crop_frames, self.random_crop = crop_frames, random_crop
@@ -83,10 +86,15 @@ class UtteranceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _normalise(self, index: int, features: torch.Tensor) -> torch.Tensor:
+        if self.per_utterance:
+            return FeatureStats.of_utterance(features).normalise(features)
+        return self.stats[index].normalise(features)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         features = self.features[index]
         if self.waveforms is not None and self.wave_transform is not None:
-            features = self.stats[index].normalise(self.wave_transform(self.waveforms[index]))
+            features = self._normalise(index, self.wave_transform(self.waveforms[index]))
         if self.crop_frames is not None and features.shape[-1] > self.crop_frames:
             excess = features.shape[-1] - self.crop_frames
             start = int(torch.randint(0, excess + 1, ())) if self.random_crop else 0
@@ -253,6 +261,8 @@ class SERDataModule(pl.LightningDataModule):
             item_stats = {part: [by_speaker[key] for key in zip(frame["corpus"],
                                                                  frame["speaker"], strict=True)]
                           for part, frame in rows.items()}
+        if self.normalization == "utterance":
+            item_stats = {part: None for part in rows}
         crop = None
         if self.max_seconds is not None:
             crop = int(self.max_seconds * sample_rate / self.extractor.hop_length) + 1

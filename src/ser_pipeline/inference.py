@@ -20,7 +20,12 @@ import torch
 
 from ser_pipeline.artifact import LoadedModel, load_model_dir
 from ser_pipeline.audio import read_audio
-from ser_pipeline.features.batching import FeatureStats, RunningStats, pad_batch
+from ser_pipeline.features.batching import (
+    FeatureStats,
+    RunningStats,
+    normalise_utterances,
+    pad_batch,
+)
 
 
 class Predictor:
@@ -70,7 +75,12 @@ class Predictor:
     def features(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` at ``sample_rate`` -> normalised ``(channels, n_features, frames)``."""
         raw = self.model.extractor(waveform)
-        return self._stats([raw]).normalise(raw)
+        return self._normalise([raw])[0]
+
+    def _normalise(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Normalised features of one speaker's utterances, as in training."""
+        mode = self.spec.normalization
+        return normalise_utterances(raw, mode, None if mode == "utterance" else self._stats(raw))
 
     @torch.no_grad()
     def predict_waveforms(self, waveforms: list[torch.Tensor],
@@ -107,9 +117,8 @@ class Predictor:
         """Network outputs with class probabilities (averaged over TTA views when enabled)."""
         if raw is None:
             raw = [self.model.extractor(w) for w in waveforms]
-        stats = self._stats(raw)
         if self.tta_views <= 1:
-            features, lengths = pad_batch([stats.normalise(r) for r in raw])
+            features, lengths = pad_batch(self._normalise(raw))
             outputs = self.model.net(features, lengths)
             return {**outputs, "emotion": outputs["emotion"].softmax(-1),
                     "gender": outputs["gender"].softmax(-1)}
@@ -118,8 +127,8 @@ class Predictor:
         per_view: list[dict[str, torch.Tensor]] = []
         views = [tta_views(w, self.tta_views, generator=0) for w in waveforms]
         for v in range(self.tta_views):
-            features, lengths = pad_batch([stats.normalise(self.model.extractor(item[v]))
-                                           for item in views])
+            features, lengths = pad_batch(self._normalise([self.model.extractor(item[v])
+                                                           for item in views]))
             outputs = self.model.net(features, lengths)
             per_view.append({k: outputs[k] for k in ("emotion", "gender", "vad")})
         return average_predictions(per_view)

@@ -28,6 +28,11 @@ class FeatureStats:
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.mean) / self.std
 
+    @classmethod
+    def of_utterance(cls, features: torch.Tensor) -> FeatureStats:
+        """One utterance's own per (channel, feature) statistics over its frames."""
+        return cls.from_features([features])
+
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {"feature_mean": self.mean, "feature_std": self.std}
 
@@ -62,6 +67,21 @@ class RunningStats:
         variance = (self.total_sq - self.count * mean.pow(2)) / max(self.count - 1, 1)
         std = variance.clamp_min(0).sqrt().clamp_min(1e-5)
         return FeatureStats(mean.float(), std.float())
+
+
+def normalise_utterances(raw: list[torch.Tensor], mode: str,
+                         stats: FeatureStats | None) -> list[torch.Tensor]:
+    """Normalise ``raw`` features as a model trained with ``data.normalization=mode`` expects.
+
+    ``utterance``: every item z-scored with its own statistics (inductive; a gain change is an
+    additive shift of log features, so it cancels). Otherwise every item uses ``stats``
+    (training speakers' for ``global``, the speaker's own for ``speaker``).
+    """
+    if mode == "utterance":
+        return [FeatureStats.of_utterance(r).normalise(r) for r in raw]
+    if stats is None:
+        raise ValueError(f"normalisation '{mode}' needs statistics")
+    return [stats.normalise(r) for r in raw]
 
 
 def pad_batch(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
