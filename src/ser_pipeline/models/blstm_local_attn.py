@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ser_pipeline.models.heads import EmotionHeads
-from ser_pipeline.models.layers import BLSTM, length_mask
+from ser_pipeline.models.layers import BLSTM, FunctionalsBranch, fuse, length_mask
 from ser_pipeline.models.pooling import AttentionPooling
 
 
@@ -35,6 +35,7 @@ class BlstmLocalAttn(nn.Module):
         lstm_dropout: float = 0.0,
         head_hidden: int = 128,
         dropout: float = 0.3,
+        fusion_dim: int = 0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -46,8 +47,10 @@ class BlstmLocalAttn(nn.Module):
         self.blstm = BLSTM(width, lstm_hidden, lstm_layers, lstm_dropout)
         self.attention = AttentionPooling(self.blstm.output_size, hidden_dim=0)
         self.embedding_dim = self.attention.output_dim
+        self.fusion = (FunctionalsBranch(in_channels * n_features, fusion_dim, dropout)
+                       if fusion_dim else None)
         self.heads = EmotionHeads(
-            self.embedding_dim,
+            self.embedding_dim + fusion_dim,
             n_emotions,
             n_genders,
             n_dims,
@@ -68,4 +71,4 @@ class BlstmLocalAttn(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
-        return self.heads(self.encode(features, lengths))
+        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths))

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from ser_pipeline.models.heads import EmotionHeads
-from ser_pipeline.models.layers import MaskedConvBlock, halve_size, length_mask, mask_frames
+from ser_pipeline.models.layers import (
+    FunctionalsBranch,
+    MaskedConvBlock,
+    fuse,
+    halve_size,
+    length_mask,
+    mask_frames,
+)
 from ser_pipeline.models.pooling import AttentionPooling
 
 
@@ -39,6 +46,7 @@ class CnnAttnMultitask(nn.Module):
         embedding_dim: int = 256,
         head_hidden: int = 128,
         dropout: float = 0.3,
+        fusion_dim: int = 0,
     ) -> None:
         super().__init__()
         channels = [in_channels, *conv_channels]
@@ -55,8 +63,10 @@ class CnnAttnMultitask(nn.Module):
         self.attention = AttentionPooling(channels[-1], attention_dim, heads=attention_heads)
         self.project = nn.Sequential(nn.Linear(self.attention.output_dim, embedding_dim), nn.ReLU())
         self.embedding_dim = embedding_dim
+        self.fusion = (FunctionalsBranch(in_channels * n_features, fusion_dim, dropout)
+                       if fusion_dim else None)
         self.heads = EmotionHeads(
-            embedding_dim,
+            embedding_dim + fusion_dim,
             n_emotions,
             n_genders,
             n_dims,
@@ -80,4 +90,4 @@ class CnnAttnMultitask(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
-        return self.heads(self.encode(features, lengths))
+        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths))

@@ -8,7 +8,9 @@ from torch import nn
 from ser_pipeline.models.heads import EmotionHeads
 from ser_pipeline.models.layers import (
     BLSTM,
+    FunctionalsBranch,
     MaskedConvBlock,
+    fuse,
     halve_size,
     length_mask,
     mask_frames,
@@ -43,6 +45,7 @@ class CnnBlstmAttn(nn.Module):
         attention_dim: int = 128,
         head_hidden: int = 128,
         dropout: float = 0.3,
+        fusion_dim: int = 0,
     ) -> None:
         super().__init__()
         channels = [in_channels, *conv_channels]
@@ -56,8 +59,10 @@ class CnnBlstmAttn(nn.Module):
         self.blstm = BLSTM(channels[-1] * freq, lstm_hidden, lstm_layers, lstm_dropout)
         self.attention = AttentionPooling(self.blstm.output_size, attention_dim)
         self.embedding_dim = self.attention.output_dim
+        self.fusion = (FunctionalsBranch(in_channels * n_features, fusion_dim, dropout)
+                       if fusion_dim else None)
         self.heads = EmotionHeads(
-            self.embedding_dim,
+            self.embedding_dim + fusion_dim,
             n_emotions,
             n_genders,
             n_dims,
@@ -80,4 +85,4 @@ class CnnBlstmAttn(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
-        return self.heads(self.encode(features, lengths))
+        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths))

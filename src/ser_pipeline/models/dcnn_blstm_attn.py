@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ser_pipeline.models.heads import EmotionHeads
-from ser_pipeline.models.layers import BLSTM, length_mask, mask_frames
+from ser_pipeline.models.layers import BLSTM, FunctionalsBranch, fuse, length_mask, mask_frames
 from ser_pipeline.models.pooling import AttentionPooling
 
 BACKBONES = ("resnet", "alexnet")
@@ -280,6 +280,7 @@ class DcnnBlstmAttn(nn.Module):
         fc_dims: list[int] | tuple[int, ...] = (256,),
         head_hidden: int = 128,
         dropout: float = 0.3,
+        fusion_dim: int = 0,
     ) -> None:
         super().__init__()
         if segment_frames < 1 or not 1 <= segment_hop <= segment_frames:
@@ -302,8 +303,10 @@ class DcnnBlstmAttn(nn.Module):
             width = fc_dim
         self.fc = nn.Sequential(*fc)
         self.embedding_dim = width
+        self.fusion = (FunctionalsBranch(in_channels * n_features, fusion_dim, dropout)
+                       if fusion_dim else None)
         self.heads = EmotionHeads(
-            width,
+            width + fusion_dim,
             n_emotions,
             n_genders,
             n_dims,
@@ -342,4 +345,4 @@ class DcnnBlstmAttn(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
-        return self.heads(self.encode(features, lengths))
+        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths))

@@ -181,3 +181,63 @@ class GradientReversal(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
+
+
+def masked_functionals(features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Utterance functionals of every input row over its valid frames.
+
+    ``features (batch, channels, n_features, frames)`` -> ``(batch, 6 * channels * n_features)``:
+    mean, standard deviation, maximum and minimum of each row, and the mean and standard
+    deviation of its frame-to-frame differences (the classic "functionals" of a
+    functionals + SVM baseline, computed on the model's own input so that no second
+    feature stream is needed).
+    """
+    batch = features.shape[0]
+    x = features.reshape(batch, -1, features.shape[-1])
+    mask = length_mask(lengths, x.shape[-1]).unsqueeze(1)  # (batch, 1, frames)
+
+    def mean_std(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = valid.sum(-1).clamp_min(1)
+        mean = (values * valid).sum(-1) / count
+        var = (((values - mean.unsqueeze(-1)) * valid) ** 2).sum(-1) / count
+        return mean, (var + 1e-6).sqrt()
+
+    mean, std = mean_std(x, mask)
+    big = torch.finfo(x.dtype).max
+    maximum = x.masked_fill(~mask, -big).amax(-1)
+    minimum = x.masked_fill(~mask, big).amin(-1)
+    delta = x[..., 1:] - x[..., :-1]
+    delta_mask = mask[..., 1:] & mask[..., :-1]
+    if delta.shape[-1] == 0:  # one-frame inputs have no differences
+        delta, delta_mask = x.new_zeros((*x.shape[:-1], 1)), mask[..., :1]
+    delta_mean, delta_std = mean_std(delta, delta_mask)
+    return torch.cat([mean, std, maximum, minimum, delta_mean, delta_std], dim=-1)
+
+
+class FunctionalsBranch(nn.Module):
+    """Fusion branch: utterance functionals of the input -> a ``(batch, output_dim)`` vector.
+
+    Concatenated with a model's learned embedding before the heads (early fusion of the
+    classic functionals with the deep encoder), it gives every model what the functionals +
+    SVM reference sees. Batch norm keeps the 6 statistics of every row on one scale.
+    """
+
+    N_FUNCTIONALS = 6
+
+    def __init__(self, n_rows: int, output_dim: int, dropout: float = 0.3) -> None:
+        super().__init__()
+        width = self.N_FUNCTIONALS * n_rows
+        self.project = nn.Sequential(nn.BatchNorm1d(width), nn.Dropout(dropout),
+                                     nn.Linear(width, output_dim), nn.ReLU())
+        self.output_dim = output_dim
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.project(masked_functionals(features, lengths))
+
+
+def fuse(embedding: torch.Tensor, branch: nn.Module | None, features: torch.Tensor,
+         lengths: torch.Tensor) -> torch.Tensor:
+    """``embedding`` with the fusion ``branch``'s vector appended (unchanged without one)."""
+    if branch is None:
+        return embedding
+    return torch.cat([embedding, branch(features, lengths)], dim=-1)
