@@ -187,12 +187,13 @@ def test_eval_mode_is_deterministic(case: str) -> None:
         assert torch.equal(first[key], second[key])
 
 
-def test_registry_names_the_four_models() -> None:
+def test_registry_names_the_five_models() -> None:
     assert set(MODELS) == {
         "cnn_blstm_attn",
         "cnn_attn_multitask",
         "dcnn_blstm_attn",
         "blstm_local_attn",
+        "ssl_attn",
     }
 
 

@@ -1,4 +1,5 @@
-"""Feature extractors (log-mel, log-mel + deltas, hand-crafted LLDs) and their cache."""
+"""Feature extractors (log-mel, log-mel + deltas, hand-crafted LLDs, pretrained SSL encoders,
+openSMILE sets) and their cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 from torch import nn
 
 from ser_pipeline.features.logmel import LogMelFeatures
+
+KNOWN = ("logmel", "lld", "ssl", "opensmile")
 
 
 def build_features(config: dict[str, Any]) -> nn.Module:
@@ -19,7 +22,15 @@ def build_features(config: dict[str, Any]) -> nn.Module:
         from ser_pipeline.features.lld import LLDFeatures
 
         return LLDFeatures(**options)
-    raise ValueError(f"unknown feature extractor '{name}' (known: logmel, lld)")
+    if name == "ssl":
+        from ser_pipeline.features.ssl import SSLFeatures
+
+        return SSLFeatures(**options)
+    if name == "opensmile":
+        from ser_pipeline.features.opensmile import OpenSmileFeatures
+
+        return OpenSmileFeatures(**options)
+    raise ValueError(f"unknown feature extractor '{name}' (known: {', '.join(KNOWN)})")
 
 
 __all__ = ["LogMelFeatures", "build_features"]

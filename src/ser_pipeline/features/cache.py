@@ -92,7 +92,9 @@ class FeatureCache:
 
     def put(self, content_digest: str, tensor: torch.Tensor) -> None:
         path = self.entry(content_digest)
-        tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+        # float16 stays float16 (SSL hidden states: half the disk); anything else is float32
+        dtype = torch.float16 if tensor.dtype == torch.float16 else torch.float32
+        tensor = tensor.detach().to("cpu", dtype).contiguous()
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

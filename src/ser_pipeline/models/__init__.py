@@ -17,12 +17,14 @@ from ser_pipeline.models.cnn_attn_multitask import CnnAttnMultitask
 from ser_pipeline.models.cnn_blstm_attn import CnnBlstmAttn
 from ser_pipeline.models.dcnn_blstm_attn import DcnnBlstmAttn
 from ser_pipeline.models.heads import EmotionHeads
+from ser_pipeline.models.ssl_attn import SslAttn
 
 MODELS: dict[str, type[nn.Module]] = {
     "cnn_blstm_attn": CnnBlstmAttn,
     "cnn_attn_multitask": CnnAttnMultitask,
     "dcnn_blstm_attn": DcnnBlstmAttn,
     "blstm_local_attn": BlstmLocalAttn,
+    "ssl_attn": SslAttn,
 }
 
 __all__ = [
@@ -32,4 +34,5 @@ __all__ = [
     "CnnBlstmAttn",
     "DcnnBlstmAttn",
     "EmotionHeads",
+    "SslAttn",
 ]

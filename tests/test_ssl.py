@@ -1,0 +1,236 @@
+"""feature=ssl and model=ssl_attn: pretrained-encoder front end, offline, end to end.
+
+Encoders here are tiny and randomly initialised (torchaudio's own builders with small
+dimensions) or full-size with random weights; nothing is ever downloaded, and the tests that
+touch the torch hub cache point TORCH_HOME at an empty folder and make any download fail.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchaudio
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+
+from ser_pipeline.artifact import UnsafeArtifactError, read_spec
+from ser_pipeline.features import build_features
+from ser_pipeline.features.cache import FeatureCache
+from ser_pipeline.features.ssl import EncoderMismatch, EncoderWeightsMissing, SSLFeatures
+from ser_pipeline.inference import Predictor
+from ser_pipeline.models import SslAttn
+from tests.e2e import run_script, store_uri
+
+#: the strides of every torchaudio bundle (320 samples per frame), 16 channels
+TINY_CONVS = [(16, 10, 5), (16, 3, 2), (16, 3, 2), (16, 3, 2), (16, 3, 2), (16, 2, 2), (16, 2, 2)]
+TINY_COMMON = dict(
+    extractor_mode="group_norm", extractor_conv_layer_config=TINY_CONVS, extractor_conv_bias=False,
+    encoder_embed_dim=32, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=16,
+    encoder_pos_conv_groups=4, encoder_num_layers=2, encoder_num_heads=2,
+    encoder_attention_dropout=0.0, encoder_ff_interm_features=64, encoder_ff_interm_dropout=0.0,
+    encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0,
+    aux_num_out=None)
+TINY = {
+    "wav2vec2_model": TINY_COMMON,
+    "wavlm_model": {**TINY_COMMON, "encoder_num_buckets": 16, "encoder_max_distance": 64},
+}
+
+
+def save_tiny_encoder(path: Path, builder: str = "wav2vec2_model", seed: int = 0) -> Path:
+    """A randomly initialised tiny encoder, saved with its architecture (torch.save)."""
+    torch.manual_seed(seed)
+    model = getattr(torchaudio.models, builder)(**TINY[builder])
+    torch.save({"builder": builder, "kwargs": TINY[builder], "state_dict": model.state_dict()},
+               path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny_w2v2.pth")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache; any attempt to download raises."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.mark.parametrize("builder", ["wav2vec2_model", "wavlm_model"])
+def test_hidden_states_are_layers_by_dim_by_frames_in_float16(tmp_path, builder):
+    extractor = SSLFeatures(encoder=None, checkpoint=str(save_tiny_encoder(
+        tmp_path / "enc.pth", builder)))
+    features = extractor(torch.randn(16000))
+    assert (extractor.out_channels, extractor.n_features, extractor.hop_length) == (2, 32, 320)
+    assert features.shape == (2, 32, extractor.frames_for(16000)) == (2, 32, 49)
+    assert features.dtype == torch.float16 and torch.isfinite(features).all()
+    assert extractor.config()["builder"] == builder
+
+
+def test_chosen_layers_and_clips_shorter_than_one_frame(tiny_checkpoint):
+    extractor = SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint), layers=[2])
+    both = SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint))
+    wave = torch.randn(8000)
+    assert torch.equal(extractor(wave)[0], both(wave)[1])
+    assert extractor(torch.randn(50)).shape == (1, 32, 1)
+    with pytest.raises(ValueError, match="1..2"):
+        SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint), layers=[3])
+
+
+def test_a_batch_gives_what_each_item_gives_alone(tiny_checkpoint):
+    extractor = SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint))
+    waves = torch.randn(2, 6400)
+    batch = extractor(waves)
+    assert torch.equal(batch[1], extractor(waves[1]))
+
+
+def test_config_rebuilds_the_extractor_and_refuses_other_weights(tmp_path):
+    path = save_tiny_encoder(tmp_path / "enc.pth")
+    extractor = SSLFeatures(encoder=None, checkpoint=str(path))
+    config = extractor.config()
+    assert config["digest"] and config["checkpoint"] == str(path.resolve())
+    rebuilt = build_features(config)
+    wave = torch.randn(4000)
+    assert torch.equal(rebuilt(wave), extractor(wave))
+    save_tiny_encoder(path, seed=1)  # other weights under the same name
+    with pytest.raises(EncoderMismatch, match="sha256"):
+        build_features(config)
+
+
+def test_safetensors_with_json_architecture_loads_like_torch_save(tmp_path, tiny_checkpoint):
+    content = torch.load(tiny_checkpoint, weights_only=True)
+    save_file(content["state_dict"], tmp_path / "enc.safetensors")
+    (tmp_path / "enc.json").write_text(json.dumps({"builder": content["builder"],
+                                                   "kwargs": content["kwargs"]}))
+    wave = torch.randn(4000)
+    from_safetensors = SSLFeatures(encoder=None, checkpoint=str(tmp_path / "enc.safetensors"))
+    assert torch.equal(from_safetensors(wave),
+                       SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint))(wave))
+
+
+def test_a_bare_state_dict_needs_the_encoder_name(tmp_path, tiny_checkpoint):
+    torch.save(torch.load(tiny_checkpoint, weights_only=True)["state_dict"], tmp_path / "b.pth")
+    with pytest.raises(ValueError, match="feature.encoder="):
+        SSLFeatures(encoder=None, checkpoint=str(tmp_path / "b.pth"))
+
+
+def test_missing_bundle_weights_name_bundle_file_hub_folder_and_checkpoint(offline_hub):
+    with pytest.raises(EncoderWeightsMissing) as error:
+        SSLFeatures(encoder="WAVLM_BASE")
+    message = str(error.value)
+    assert "WAVLM_BASE" in message and "wavlm_base.pth" in message
+    assert str(offline_hub) in message and "feature.checkpoint=" in message
+    assert not offline_hub.exists() or not any(offline_hub.iterdir())
+
+
+def test_unknown_bundle_lists_the_known_ones():
+    with pytest.raises(ValueError, match="WAVLM_BASE_PLUS"):
+        SSLFeatures(encoder="WAVLM_TINY")
+
+
+def test_bundle_weights_in_the_hub_cache_or_as_a_bare_state_dict_load_offline(offline_hub):
+    """Full-size WAV2VEC2_BASE architecture, random weights, placed where torchaudio looks."""
+    bundle = torchaudio.pipelines.WAV2VEC2_BASE
+    torch.manual_seed(0)
+    offline_hub.mkdir(parents=True)
+    weights = offline_hub / "wav2vec2_fairseq_base_ls960.pth"
+    torch.save(torchaudio.models.wav2vec2_model(**bundle._params).state_dict(), weights)
+    wave = torch.randn(3200)
+    named = SSLFeatures(encoder="WAV2VEC2_BASE", layers=[1, 12])
+    assert named(wave).shape == (2, 768, 9)
+    assert named.config()["encoder"] == "WAV2VEC2_BASE" and named.config()["checkpoint"] is None
+    bare = SSLFeatures(encoder="WAV2VEC2_BASE", checkpoint=str(weights), layers=[1, 12])
+    assert torch.equal(bare(wave), named(wave)) and bare.digest == named.digest
+
+
+def test_float16_features_stay_float16_in_the_cache(tmp_path, tiny_checkpoint):
+    extractor = SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint))
+    cache = FeatureCache(tmp_path, extractor.config())
+    features = extractor(torch.randn(16000))
+    cache.put("ab" * 32, features)
+    stored = cache.get("ab" * 32)
+    assert stored.dtype == torch.float16 and torch.equal(stored, features)
+
+
+def test_cache_key_follows_encoder_digest_and_layers(tmp_path):
+    first = SSLFeatures(encoder=None, checkpoint=str(save_tiny_encoder(tmp_path / "a.pth")))
+    other = SSLFeatures(encoder=None, checkpoint=str(save_tiny_encoder(tmp_path / "b.pth", seed=1)))
+    one_layer = SSLFeatures(encoder=None, checkpoint=str(tmp_path / "a.pth"), layers=[1])
+    folders = {FeatureCache(tmp_path / "cache", e.config()).folder
+               for e in (first, other, one_layer)}
+    assert len(folders) == 3
+
+
+def test_ssl_attn_mixes_layers_with_softmax_weights_and_ignores_padding():
+    torch.manual_seed(0)
+    model = SslAttn(in_channels=3, n_features=8, n_emotions=4, projection_dim=8,
+                    attention_dim=4, head_hidden=8).eval()
+    assert torch.allclose(model.layer_weights(), torch.full((3,), 1 / 3))
+    features = torch.randn(2, 3, 8, 12)
+    features[1, ..., 7:] = 0
+    batch = model(features, torch.tensor([12, 7]))
+    alone = model(features[1:, ..., :7], torch.tensor([7]))
+    assert torch.allclose(batch["emotion"][1], alone["emotion"][0], atol=1e-6)
+    assert batch["embedding"].shape == (2, 8)
+
+
+@pytest.mark.slow
+def test_train_register_and_infer_with_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
+    """`train.py feature=ssl feature.checkpoint=<tiny> model=ssl_attn`, then infer.py."""
+    args = ["feature=ssl", f"feature.checkpoint={tiny_checkpoint}", "model=ssl_attn",
+            "data.reader.n_speakers=4", "data.reader.utterances_per_class=4",
+            "trainer=debug", "trainer.enable_progress_bar=false", "model.net.projection_dim=16",
+            "model.net.attention_dim=8", "model.net.head_hidden=8"]
+    result = run_script("train.py", args, tmp_path, TORCH_HOME=str(tmp_path / "no_torch_hub"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=store_uri(tmp_path))
+    [run] = client.search_runs([client.get_experiment_by_name("ser-pipeline").experiment_id])
+    assert run.info.status == "FINISHED" and "test/uar" in run.data.metrics
+    version = client.get_model_version_by_alias("ser-synthetic-ssl_attn", "champion")
+    assert version.run_id == run.info.run_id
+
+    model_dir = next((tmp_path / "outputs").rglob("model/model.yaml")).parent
+    spec = read_spec(model_dir)
+    assert spec.architecture == "SslAttn"
+    assert spec.features["checkpoint"] == str(tiny_checkpoint.resolve())
+    assert spec.features["builder"] == "wav2vec2_model" and len(spec.features["digest"]) == 64
+    # the frozen encoder is referenced, not copied: the model holds only the head
+    assert (model_dir / "weights.safetensors").stat().st_size < 100_000
+    cached = list((tmp_path / ".cache" / "features").rglob("*.safetensors"))
+    assert len(cached) == 64  # every utterance went through the cache once
+
+    wavs = sorted((tmp_path / "data" / "synthetic" / "wav").rglob("*.wav"))[:2]
+    predicted = run_script("infer.py", ["--model", str(model_dir), "--json", *map(str, wavs)],
+                           tmp_path, TORCH_HOME=str(tmp_path / "no_torch_hub"))
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    records = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert len(records) == 2 and all(r["emotion"] in spec.classes for r in records)
+    own = Predictor.from_dir(model_dir).predict_file(wavs[0])
+    assert own["emotion"] == records[0]["emotion"]
+
+
+def test_a_model_refuses_an_encoder_checkpoint_that_changed(tmp_path):
+    from ser_pipeline.artifact import save_model_dir
+    from ser_pipeline.features.batching import FeatureStats
+
+    extractor = SSLFeatures(encoder=None, checkpoint=str(save_tiny_encoder(tmp_path / "e.pth")))
+    kwargs = {"in_channels": 2, "n_features": 32, "n_emotions": 2, "projection_dim": 8,
+              "attention_dim": 4, "head_hidden": 4}
+    stats = FeatureStats(torch.zeros(2, 32, 1), torch.ones(2, 32, 1))
+    model_dir = save_model_dir(tmp_path / "model", SslAttn(**kwargs), kwargs, {
+        "features": extractor.config(), "classes": ["a", "b"], "genders": ["female", "male"],
+        "dimensions": ["valence", "arousal", "dominance"], "has_gender": False,
+        "has_dimensions": False}, stats)
+    assert Predictor.from_dir(model_dir).predict_waveform(torch.randn(4000))["emotion"] in "ab"
+    save_tiny_encoder(tmp_path / "e.pth", seed=1)
+    with pytest.raises(UnsafeArtifactError, match="sha256"):
+        Predictor.from_dir(model_dir)
