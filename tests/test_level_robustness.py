@@ -111,3 +111,24 @@ def test_gain_augmentation_draws_gains_in_its_range_and_clips():
     assert db.min() >= -20.0 - 1e-6 and db.max() <= 20 * np.log10(2.0) + 1e-6
     assert db.min() < -10.0  # the range is really drawn from, not one fixed gain
     assert augment.eval()(wave).equal(wave)
+
+
+def test_trimming_cuts_the_silence_around_speech_at_any_level():
+    from ser_pipeline.audio import trim_silence
+
+    speech = speech_like(1)[0]
+    silence = torch.zeros(8000) + 1e-5 * torch.randn(8000, generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([silence, speech, silence])
+    alone = trim_silence(speech, 16000, top_db=40.0)
+    assert padded.shape[0] - alone.shape[0] >= 16000  # the padding is gone
+    for db in (-20.0, 0.0):
+        trimmed = trim_silence(gained(padded, db), 16000, top_db=40.0)
+        assert abs(trimmed.shape[0] - alone.shape[0]) <= 2 * 160  # within two hops
+
+
+def test_a_trimming_extractor_sees_the_same_speech_with_and_without_padding():
+    extractor = LogMelFeatures(sample_rate=16000, n_mels=16, trim_db=40.0)
+    speech = speech_like(1)[0]
+    padded = torch.cat([torch.zeros(4000), speech, torch.zeros(4000)])
+    assert abs(extractor(padded).shape[-1] - extractor(speech).shape[-1]) <= 4
+    assert extractor.config()["trim_db"] == 40.0

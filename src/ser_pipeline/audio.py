@@ -191,3 +191,24 @@ def decode_audio_bytes(data: bytes, sample_rate: int, name: str = "<audio bytes>
     if block.shape[0] < 2:
         raise AudioError(name, f"too short ({block.shape[0]} samples)")
     return resample(_to_mono_float(block, Path(name)), rate, sample_rate)
+
+
+def trim_silence(waveform: torch.Tensor, sample_rate: int, top_db: float,
+                 frame_s: float = 0.025, hop_s: float = 0.010) -> torch.Tensor:
+    """``(time,)`` without its leading and trailing silence.
+
+    Silence is every frame (``frame_s`` windows every ``hop_s``) whose RMS lies more than
+    ``top_db`` below the loudest frame's, so the cut is the same at any recording level.
+    Why: corpora and microphones differ most in how much silence surrounds the speech
+    (RAVDESS: about a second; EMO-DB's 2-s copy: padding), and per-utterance statistics
+    would otherwise describe the silence. A clip with no frame above the threshold, or one
+    shorter than a frame, is returned unchanged.
+    """
+    frame, hop = max(int(frame_s * sample_rate), 1), max(int(hop_s * sample_rate), 1)
+    if waveform.dim() != 1 or waveform.shape[-1] < frame:
+        return waveform
+    frames = waveform.unfold(0, frame, hop)
+    level = 10.0 * torch.log10(frames.pow(2).mean(-1).clamp_min(1e-20))
+    loud = torch.nonzero(level >= level.max() - top_db).flatten()
+    start, end = int(loud[0]) * hop, int(loud[-1]) * hop + frame
+    return waveform[start:end]

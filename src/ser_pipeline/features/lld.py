@@ -38,6 +38,7 @@ import torch
 import torchaudio
 from torch import nn
 
+from ser_pipeline.audio import trim_silence
 from ser_pipeline.features.logmel import pad_for_stft
 
 EPS = 1e-10
@@ -218,8 +219,11 @@ class LLDFeatures(nn.Module):
         n_mfcc: int = 13,
         n_chroma: int = 12,
         n_mels: int = 40,
+        trim_db: float | None = None,
     ) -> None:
         super().__init__()
+        # leading/trailing silence cut before extraction (dB below the loudest frame)
+        self.trim_db = trim_db
         if win_length > n_fft:
             raise ValueError(f"win_length ({win_length}) must not exceed n_fft ({n_fft})")
         self.sample_rate, self.win_length, self.hop_length = sample_rate, win_length, hop_length
@@ -259,6 +263,7 @@ class LLDFeatures(nn.Module):
     def config(self) -> dict:
         return {
             "name": "lld",
+            "trim_db": self.trim_db,
             "sample_rate": self.sample_rate,
             "win_length": self.win_length,
             "hop_length": self.hop_length,
@@ -271,6 +276,8 @@ class LLDFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` or ``(batch, time)`` -> ``([batch,] 1, n_features, frames)``."""
+        if self.trim_db is not None:
+            waveform = trim_silence(waveform, self.sample_rate, self.trim_db)
         waveform = pad_for_stft(waveform, self.n_fft)  # same frame count as LogMelFeatures
         frames = frame_signal(waveform, self.n_fft, self.win_length, self.hop_length)
         spectrum = torch.stft(

@@ -16,6 +16,8 @@ import torch
 import torchaudio
 from torch import nn
 
+from ser_pipeline.audio import trim_silence
+
 
 def frames_for(num_samples: int, hop_length: int) -> int:
     """Frames a centred STFT produces for ``num_samples`` samples."""
@@ -54,8 +56,11 @@ class LogMelFeatures(nn.Module):
         top_db: float | None = 80.0,
         deltas: bool = False,
         delta_win_length: int = 5,
+        trim_db: float | None = None,
     ) -> None:
         super().__init__()
+        # leading/trailing silence cut before extraction (dB below the loudest frame)
+        self.trim_db = trim_db
         self.sample_rate, self.n_fft, self.win_length = sample_rate, n_fft, win_length
         self.hop_length, self.n_mels, self.f_min, self.f_max = hop_length, n_mels, f_min, f_max
         self.top_db, self.deltas, self.delta_win_length = top_db, deltas, delta_win_length
@@ -87,6 +92,7 @@ class LogMelFeatures(nn.Module):
     def config(self) -> dict:
         return {
             "name": "logmel",
+            "trim_db": self.trim_db,
             "sample_rate": self.sample_rate,
             "n_fft": self.n_fft,
             "win_length": self.win_length,
@@ -102,6 +108,8 @@ class LogMelFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` or ``(batch, time)`` -> ``([batch,] channels, n_mels, frames)``."""
+        if self.trim_db is not None:
+            waveform = trim_silence(waveform, self.sample_rate, self.trim_db)
         waveform = pad_for_stft(waveform, self.n_fft)
         # (..., 1, n_mels, frames): AmplitudeToDB floors top_db below the max over the last
         # three dims, so the singleton channel keeps that floor per item, not per batch
