@@ -35,7 +35,7 @@ from ser_pipeline.audio import (
     read_audio_segment,
     resample,
 )
-from ser_pipeline.inference import Predictor
+from ser_pipeline.inference import EnsemblePredictor, Predictor
 from ser_pipeline.model_uri import ModelNotFoundError, resolve_model
 from ser_pipeline.vad import (
     VAD_SAMPLE_RATE,
@@ -59,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="*", metavar="PATH",
                         help="audio files, folders (searched recursively) or glob patterns")
     parser.add_argument("--mic", action="store_true", help="predict live microphone speech")
-    parser.add_argument("--model", metavar="URI",
+    parser.add_argument("--model", metavar="URI", action="append",
                         help="runs:/<run_id>/<path>, models:/<name>/<version>, "
                         "models:/<name>@<alias> or a model directory (default: the newest "
-                        "registered model, else the newest finished run's model)")
+                        "registered model, else the newest finished run's model); given "
+                        "several times, an ensemble averaging the models' probabilities")
     parser.add_argument("--tracking-uri", metavar="URI", help="MLflow store for --model "
                         "(default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     parser.add_argument("--top-k", type=_positive(int), default=3, metavar="K",
@@ -354,8 +355,9 @@ def _segmenter_config(args: argparse.Namespace) -> SegmenterConfig:
 
 def _load_predictor(args: argparse.Namespace) -> Predictor | None:
     try:
-        return Predictor.from_dir(resolve_model(args.model, args.tracking_uri), top_k=args.top_k,
-                                  tta_views=args.tta)
-    except (ModelNotFoundError, UnsafeArtifactError) as error:
+        uris = args.model or [None]
+        return EnsemblePredictor.from_dirs([resolve_model(u, args.tracking_uri) for u in uris],
+                                           top_k=args.top_k, tta_views=args.tta)
+    except (ModelNotFoundError, UnsafeArtifactError, ValueError) as error:
         _fail(str(error))
         return None

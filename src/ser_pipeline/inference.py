@@ -150,3 +150,63 @@ class Predictor:
     def predict_file(self, path: str | Path) -> dict[str, Any]:
         """Whole-file prediction (no segmentation); raises AudioError for bad files."""
         return self.predict_waveform(read_audio(path, self.sample_rate))
+
+
+class EnsemblePredictor(Predictor):
+    """Late fusion: several model directories, their class probabilities averaged.
+
+    Members must share the class list (in order) and the sample rate; each keeps its own
+    features, normalisation (and speaker statistics) and TTA views. Gender and dimensions
+    are reported only when every member has them. ``infer.py --model A --model B`` and the
+    benchmarks use it; one member behaves exactly like that member's :class:`Predictor`.
+    """
+
+    def __init__(self, members: list[Predictor]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        first = members[0]
+        for member in members[1:]:
+            if member.classes != first.classes or member.sample_rate != first.sample_rate:
+                raise ValueError("ensemble members must share classes and sample rate: "
+                                 f"{first.classes} @ {first.sample_rate} Hz vs "
+                                 f"{member.classes} @ {member.sample_rate} Hz")
+        self.members = members
+        self.model = first.model
+        self.top_k = first.top_k
+        self.tta_views = first.tta_views
+        self.speaker = None
+        from dataclasses import replace
+
+        self.spec = replace(first.spec,
+                            has_gender=all(m.spec.has_gender for m in members),
+                            has_dimensions=all(m.spec.has_dimensions for m in members))
+
+    @classmethod
+    def from_dirs(cls, directories: list[str | Path], top_k: int = 3,
+                  tta_views: int = 1) -> Predictor:
+        members = [Predictor.from_dir(d, top_k=top_k, tta_views=tta_views) for d in directories]
+        return members[0] if len(members) == 1 else cls(members)
+
+    @property
+    def speaker_normalised(self) -> bool:
+        return any(m.speaker_normalised for m in self.members)
+
+    def adapt(self, waveform: torch.Tensor) -> None:
+        for member in self.members:
+            member.adapt(waveform)
+
+    def reset_speaker(self) -> None:
+        for member in self.members:
+            member.reset_speaker()
+
+    def _outputs(self, waveforms: list[torch.Tensor], raw: list[torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+        outputs = [m._outputs(waveforms) for m in self.members]
+        return {key: torch.stack([o[key] for o in outputs]).mean(0)
+                for key in ("emotion", "gender", "vad")}
+
+    def predict_utterance(self, waveform: torch.Tensor) -> dict[str, Any]:
+        for member in self.members:
+            if member.speaker is not None:
+                member.speaker.update(member.model.extractor(waveform))
+        return self.predict_waveforms([waveform])[0]
