@@ -163,3 +163,84 @@ def build_cremad_tree(root: Path, demographics: bool = True) -> Path:
     if demographics:
         (root / "VideoDemographics.csv").write_text(_DEMOGRAPHICS)
     return root
+
+
+# --------------------------------------------------------------------------- MSP-Podcast
+
+_MSP_LABELS = """\
+FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set
+MSP-PODCAST_0001_0008.wav,A,5.8,2.2,5.0,127,Male,Train
+MSP-PODCAST_0001_0019.wav,H,4.4,5.6,4.2,127,Male,Train
+MSP-PODCAST_0002_0003.wav,N,3.8,4.0,4.0,Unknown,Unknown,Train
+MSP-PODCAST_0002_0004.wav,S,2.4,2.6,3.0,Unknown,Unknown,Train
+MSP-PODCAST_0003_0001.wav,X,4.0,4.0,4.0,131,Female,Train
+MSP-PODCAST_0004_0010.wav,N,3.6,4.2,3.8,200,Female,Development
+MSP-PODCAST_0005_0002.wav,S,2.2,2.0,2.8,310,Female,Test1
+MSP-PODCAST_0005_0007.wav,U,5.4,4.8,4.4,310,Female,Test1
+MSP-PODCAST_0006_0001.wav,D,4.6,2.4,4.8,402,Male,Test2
+MSP-PODCAST_0007_0001.wav,A,6.0,1.8,5.2,500,Male,Train
+"""
+#: Segment -> (emotion, speaker, gender, split, (valence, arousal, dominance)).
+MSP_EXPECTED: dict[str, tuple[str, str, str | None, str, tuple[float, float, float]]] = {
+    "MSP-PODCAST_0001_0008": ("anger", "127", "male", "train", (2.2, 5.8, 5.0)),
+    "MSP-PODCAST_0001_0019": ("happiness", "127", "male", "train", (5.6, 4.4, 4.2)),
+    "MSP-PODCAST_0002_0003": ("neutral", "unknown/MSP-PODCAST_0002_0003", None, "train",
+                              (4.0, 3.8, 4.0)),
+    "MSP-PODCAST_0002_0004": ("sadness", "unknown/MSP-PODCAST_0002_0004", None, "train",
+                              (2.6, 2.4, 3.0)),
+    "MSP-PODCAST_0004_0010": ("neutral", "200", "female", "val", (4.2, 3.6, 3.8)),
+    "MSP-PODCAST_0005_0002": ("sadness", "310", "female", "test", (2.0, 2.2, 2.8)),
+    "MSP-PODCAST_0005_0007": ("surprise", "310", "female", "test", (4.8, 5.4, 4.4)),
+    "MSP-PODCAST_0006_0001": ("disgust", "402", "male", "test2", (2.4, 4.6, 4.8)),
+}
+#: Labelled X (no agreement): a reader must drop it.
+MSP_NO_AGREEMENT = "MSP-PODCAST_0003_0001"
+#: Labelled but without audio under Audios/: a reader must leave it out.
+MSP_MISSING_WAV = "MSP-PODCAST_0007_0001"
+
+
+def build_msppodcast_tree(root: Path, labels: str = _MSP_LABELS) -> Path:
+    """``root/Audios/<FileName>`` and ``root/Labels/labels_consensus.csv`` as in release 1.x."""
+    for name in [*MSP_EXPECTED, MSP_NO_AGREEMENT]:
+        write_tiny_wav(root / "Audios" / f"{name}.wav")
+    (root / "Labels").mkdir(parents=True, exist_ok=True)
+    (root / "Labels" / "labels_consensus.csv").write_text(labels)
+    return root
+
+
+# --------------------------------------------------------------------------- own tables
+
+def write_table(path: Path, rows: list[dict], audio: bool = True) -> Path:
+    """A corpus table at ``path`` (CSV, or JSON lines for ``.jsonl``) listing ``rows``.
+
+    With ``audio``, a tiny WAV is written at every row's relative ``path`` (taken from the
+    table's folder), so the table describes a real corpus.
+    """
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if audio:
+        for row in rows:
+            if "path" in row and not Path(row["path"]).is_absolute():
+                write_tiny_wav(path.parent / row["path"])
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_csv(path, index=False)
+    return path
+
+
+def table_rows(n_speakers: int = 4, per_class: int = 2,
+               emotions: tuple[str, ...] = ("anger", "sadness")) -> list[dict]:
+    """Rows of a small table corpus: speaker k is female for even k, one split per speaker
+    (the last speaker tests, the one before validates, the others train)."""
+    rows = []
+    for s in range(n_speakers):
+        split = "test" if s == n_speakers - 1 else "val" if s == n_speakers - 2 else "train"
+        for emotion in emotions:
+            for k in range(per_class):
+                rows.append({"path": f"audio/spk{s}/{emotion}_{k}.wav", "emotion": emotion,
+                             "speaker": f"spk{s}", "gender": "F" if s % 2 == 0 else "M",
+                             "valence": 0.1 * k, "arousal": 0.5, "dominance": "", "split": split})
+    return rows

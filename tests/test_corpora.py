@@ -15,6 +15,7 @@ from ser_pipeline.corpora import (
     read_cremad,
     read_emodb,
     read_iemocap,
+    read_msppodcast,
     read_ravdess,
     select_classes,
     validate_manifest,
@@ -26,10 +27,14 @@ from tests.corpus_trees import (
     IEMOCAP_MISSING_WAV,
     IEMOCAP_NO_AGREEMENT,
     IEMOCAP_UNLABELLED,
+    MSP_EXPECTED,
+    MSP_MISSING_WAV,
+    MSP_NO_AGREEMENT,
     RAVDESS_SPEECH,
     build_cremad_tree,
     build_emodb_tree,
     build_iemocap_tree,
+    build_msppodcast_tree,
     build_ravdess_tree,
     write_tiny_wav,
 )
@@ -43,6 +48,7 @@ READERS = {
     "ravdess": (read_ravdess, build_ravdess_tree),
     "iemocap": (read_iemocap, build_iemocap_tree),
     "cremad": (read_cremad, build_cremad_tree),
+    "msppodcast": (read_msppodcast, build_msppodcast_tree),
 }
 
 
@@ -195,6 +201,48 @@ def test_cremad_without_demographics_raises_naming_the_csv(tmp_path):
     with pytest.raises(CorpusNotFoundError, match="VideoDemographics.csv is missing"):
         read_cremad(build_cremad_tree(tmp_path, demographics=False))
 
+
+# --------------------------------------------------------------------------- MSP-Podcast
+
+
+def test_msppodcast_maps_codes_dimensions_speakers_and_official_splits(tmp_path):
+    manifest = read_msppodcast(build_msppodcast_tree(tmp_path))
+    labels = _labels(manifest, "emotion", "speaker", "gender", "split",
+                     "valence", "arousal", "dominance")
+    assert {k: (*v[:4], v[4:]) for k, v in labels.items()} == MSP_EXPECTED
+
+
+def test_msppodcast_drops_no_agreement_and_segments_without_audio(tmp_path):
+    ids = set(read_msppodcast(build_msppodcast_tree(tmp_path))["id"])
+    assert MSP_NO_AGREEMENT not in ids and MSP_MISSING_WAV not in ids
+
+
+def test_msppodcast_unknown_speakers_are_never_merged_into_one(tmp_path):
+    manifest = read_msppodcast(build_msppodcast_tree(tmp_path))
+    unknown = manifest[manifest["speaker"].str.startswith("unknown")]
+    assert len(unknown) == 2 and unknown["speaker"].nunique() == 2
+
+
+def test_msppodcast_official_split_is_the_predefined_speaker_independent_fold(tmp_path):
+    from ser_pipeline.splits import make_split
+
+    manifest = read_msppodcast(build_msppodcast_tree(tmp_path))
+    split = make_split(manifest, "predefined")
+    assert split.speaker_independent
+    assert split.test == ["MSP-PODCAST_0005_0002", "MSP-PODCAST_0005_0007"]  # Test1 only
+    assert split.val_speakers == ["200"]
+
+
+def test_msppodcast_test_set_option_picks_the_second_test_set(tmp_path):
+    manifest = read_msppodcast(build_msppodcast_tree(tmp_path), test_set="Test2")
+    assert manifest.loc[manifest["split"] == "test", "id"].tolist() == ["MSP-PODCAST_0006_0001"]
+
+
+def test_msppodcast_renamed_column_is_named_with_what_was_found(tmp_path):
+    labels = "FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpeakerID,Gender,Split_Set\n"
+    build_msppodcast_tree(tmp_path, labels=labels)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['SpkrID'\].*found .*'SpeakerID'"):
+        read_msppodcast(tmp_path)
 
 # --------------------------------------------------------------------------- select_classes
 

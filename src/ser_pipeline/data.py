@@ -174,11 +174,16 @@ class SERDataModule(pl.LightningDataModule):
         augment: dict[str, Any] | None = None,
         balanced_sampling: bool = False,
         normalization: str = "global",
+        manifest: str | None = None,
+        missing: str = "fail",
     ) -> None:
+        # ``manifest``/``missing``: data=manifest's table and missing-audio policy; its reader
+        # config reads them (``root: ${.manifest}``), they are only accepted here
         super().__init__()
         self.name, self.reader, self.root = name, reader, root
         self.extractor = features
-        self.classes = list(classes)
+        # empty (or null): every emotion the corpus has, after label_map, sorted
+        self.classes = list(classes or [])
         self.label_map = dict(label_map or {})
         self.split_options = dict(protocol=split, fold=fold, group_by=group_by, n_folds=n_folds,
                                   val_speakers=val_speakers, seed=seed)
@@ -211,6 +216,8 @@ class SERDataModule(pl.LightningDataModule):
         """The corpus manifest restricted (and merged) to ``classes``."""
         manifest = self.reader(self.root)
         validate_manifest(manifest)
+        if not self.classes:
+            self.classes = sorted(manifest["emotion"].replace(self.label_map).dropna().unique())
         manifest, dropped = select_classes(manifest, self.classes, self.label_map)
         if dropped:
             log.info("dropped utterances outside the class set: %s", dropped)

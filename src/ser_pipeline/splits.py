@@ -7,6 +7,9 @@ Protocols (``data.split``):
 * ``ltso`` - leave two speakers out: fold k tests the k-th male and k-th female
   speaker (EMO-DB's 5-fold protocol);
 * ``group_kfold`` - k folds of whole groups (e.g. RAVDESS 6 x 4 actors);
+* ``predefined`` - the corpus's own assignment in the manifest's ``split`` column
+  (``train``/``val``/``test``; other values, e.g. MSP-Podcast's second test set, are left
+  out): one fold, speaker-independent only if no speaker appears in two parts;
 * ``random`` - stratified random utterances: **speaker-dependent**, flagged so.
 
 In every speaker-independent protocol the validation speakers are drawn from
@@ -22,7 +25,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, train_test_split
 
-PROTOCOLS = ("loso", "ltso", "group_kfold", "random")
+PROTOCOLS = ("loso", "ltso", "group_kfold", "predefined", "random")
+#: the parts a ``predefined`` split reads from the manifest's ``split`` column
+PREDEFINED_PARTS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def count_folds(
         return manifest[group_by].nunique()
     if protocol == "ltso":
         return len(_paired_speakers(manifest))
-    if protocol in ("group_kfold", "random"):
+    if protocol in ("group_kfold", "predefined", "random"):
         return n_folds if protocol == "group_kfold" else 1
     raise ValueError(f"unknown split protocol '{protocol}' (known: {', '.join(PROTOCOLS)})")
 
@@ -93,6 +98,41 @@ def _pick_val_speakers(
     return sorted(picked)
 
 
+def speakers_in_several_parts(manifest: pd.DataFrame) -> dict[str, list[str]]:
+    """Speaker -> the predefined parts it appears in, for speakers in more than one."""
+    rows = manifest[manifest["split"].isin(PREDEFINED_PARTS)]
+    parts = rows.groupby("speaker")["split"].unique()
+    return {str(s): sorted(p) for s, p in parts.items() if len(p) > 1}
+
+
+def predefined_split(manifest: pd.DataFrame) -> Split:
+    """The assignment in the manifest's ``split`` column, as one fold.
+
+    ``speaker_independent`` is True only if no speaker is in two of train/val/test (a
+    corpus's official split may not promise that; the flag reports what the data shows).
+    """
+    if "split" not in manifest.columns:
+        raise ValueError("data.split=predefined needs a 'split' column (train/val/test) in "
+                         "the manifest; this corpus has none - use loso, ltso or group_kfold")
+    parts = {part: manifest.loc[manifest["split"] == part] for part in PREDEFINED_PARTS}
+    empty = [part for part, rows in parts.items() if rows.empty]
+    if empty:
+        found = sorted(manifest["split"].dropna().astype(str).unique())
+        raise ValueError(f"predefined split: no utterance in {empty} (split values found: "
+                         f"{found}; expected {list(PREDEFINED_PARTS)})")
+    return Split(
+        train=sorted(parts["train"]["id"].tolist()),
+        val=sorted(parts["val"]["id"].tolist()),
+        test=sorted(parts["test"]["id"].tolist()),
+        protocol="predefined",
+        fold=0,
+        n_folds=1,
+        speaker_independent=not speakers_in_several_parts(manifest),
+        test_speakers=sorted(parts["test"]["speaker"].unique().tolist()),
+        val_speakers=sorted(parts["val"]["speaker"].unique().tolist()),
+    )
+
+
 def make_split(
     manifest: pd.DataFrame,
     protocol: str = "loso",
@@ -118,6 +158,9 @@ def make_split(
         train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
                                       random_state=seed, stratify=rest_labels)
         return Split(sorted(train), sorted(val), sorted(test), protocol, fold, total, False)
+
+    if protocol == "predefined":
+        return predefined_split(manifest)
 
     if protocol == "ltso":
         test_speakers = list(_paired_speakers(manifest)[fold])

@@ -20,8 +20,10 @@ from ser_pipeline.corpora.manifest import (
     require_layout,
     validate_manifest,
 )
+from ser_pipeline.corpora.msppodcast import read_msppodcast
 from ser_pipeline.corpora.ravdess import read_ravdess
 from ser_pipeline.corpora.synthetic import generate_synthetic_corpus, read_synthetic
+from ser_pipeline.corpora.table import TableError, read_table
 
 #: Reader per corpus name, as used by ``conf/data/<name>.yaml``.
 READERS = {
@@ -30,6 +32,8 @@ READERS = {
     "ravdess": read_ravdess,
     "iemocap": read_iemocap,
     "cremad": read_cremad,
+    "msppodcast": read_msppodcast,
+    "manifest": read_table,
 }
 
 __all__ = [
@@ -39,13 +43,16 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "READERS",
     "CorpusNotFoundError",
+    "TableError",
     "generate_synthetic_corpus",
     "make_manifest",
     "read_cremad",
     "read_emodb",
     "read_iemocap",
+    "read_msppodcast",
     "read_ravdess",
     "read_synthetic",
+    "read_table",
     "require_layout",
     "select_classes",
     "validate_manifest",

@@ -1,0 +1,169 @@
+"""data=manifest: any corpus from a CSV / JSON-lines table, checked before any audio is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ser_pipeline.corpora import CorpusNotFoundError, read_table, validate_manifest
+from ser_pipeline.corpora.table import (
+    EmptyTableError,
+    MissingAudioError,
+    MissingColumnError,
+    NonNumericDimensionError,
+    SpeakerInSeveralSplitsError,
+    UnknownGenderError,
+    UnknownSplitError,
+)
+from ser_pipeline.data import SERDataModule
+from ser_pipeline.splits import count_folds, make_split
+from tests.corpus_trees import table_rows, write_table, write_tiny_wav
+
+
+def test_table_becomes_a_valid_manifest_with_absolute_paths_and_canonical_genders(tmp_path):
+    manifest = read_table(write_table(tmp_path / "corpus" / "labels.csv", table_rows()))
+    validate_manifest(manifest)
+    assert len(manifest) == 16
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in manifest["path"])
+    assert set(manifest["gender"]) == {"female", "male"}
+    assert manifest.set_index("id").loc["audio/spk0/anger_1", "valence"] == pytest.approx(0.1)
+    assert manifest["dominance"].isna().all()  # blank = unknown, never a filler value
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    assert set(manifest["corpus"]) == {"manifest"}
+
+
+def test_json_lines_table_reads_like_the_csv(tmp_path):
+    csv = read_table(write_table(tmp_path / "a" / "labels.csv", table_rows()))
+    jsonl = read_table(write_table(tmp_path / "b" / "labels.jsonl", table_rows()))
+    assert csv.drop(columns="path").equals(jsonl.drop(columns="path"))
+
+
+def test_absolute_paths_and_own_ids_are_kept(tmp_path):
+    wav = write_tiny_wav(tmp_path / "elsewhere" / "x.wav")
+    rows = [{"id": "u1", "path": str(wav), "emotion": "Anger", "speaker": "007"}]
+    manifest = read_table(write_table(tmp_path / "t" / "labels.csv", rows))
+    assert manifest.loc[0, ["id", "path", "emotion", "speaker"]].tolist() == [
+        "u1", str(wav), "anger", "007"]
+    assert manifest.loc[0, "gender"] is None
+
+
+def test_missing_table_raises_corpus_not_found_naming_the_override(tmp_path):
+    with pytest.raises(CorpusNotFoundError, match="data.manifest="):
+        read_table(tmp_path / "nowhere.csv")
+
+
+def test_missing_column_is_named_with_the_columns_found(tmp_path):
+    rows = [{"path": "a.wav", "emotion": "anger", "talker": "s1"}]
+    with pytest.raises(MissingColumnError, match=r"\['speaker'\].*found \['path', 'emotion', "
+                                                 r"'talker'\]"):
+        read_table(write_table(tmp_path / "labels.csv", rows))
+
+
+def test_table_without_rows_is_an_empty_table_error(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,emotion,speaker\n")
+    with pytest.raises(EmptyTableError, match="no rows"):
+        read_table(tmp_path / "labels.csv")
+
+
+def test_blank_required_cell_names_its_line(tmp_path):
+    rows = table_rows()
+    rows[3]["speaker"] = ""
+    with pytest.raises(EmptyTableError, match=r"1 row\(s\) have no speaker \(lines 5\)"):
+        read_table(write_table(tmp_path / "labels.csv", rows))
+
+
+def test_missing_audio_fails_by_default_with_the_count(tmp_path):
+    table = write_table(tmp_path / "labels.csv", table_rows())
+    for name in ("anger_0", "sadness_1"):
+        (tmp_path / "audio" / "spk1" / f"{name}.wav").unlink()
+    with pytest.raises(MissingAudioError, match=r"(?s)2 of 16 audio file\(s\) do not exist.*"
+                                                r"data.missing=skip") as error:
+        read_table(table)
+    assert str(tmp_path / "audio" / "spk1" / "anger_0.wav") in str(error.value)
+
+
+def test_missing_audio_is_skipped_with_missing_skip(tmp_path):
+    table = write_table(tmp_path / "labels.csv", table_rows())
+    (tmp_path / "audio" / "spk1" / "anger_0.wav").unlink()
+    manifest = read_table(table, missing="skip")
+    assert len(manifest) == 15 and "audio/spk1/anger_0" not in set(manifest["id"])
+
+
+def test_unknown_gender_value_is_named(tmp_path):
+    rows = table_rows()
+    rows[0]["gender"] = "x"
+    with pytest.raises(UnknownGenderError, match=r"\['x'\] \(lines 2\)"):
+        read_table(write_table(tmp_path / "labels.csv", rows))
+
+
+def test_non_numeric_dimension_is_named(tmp_path):
+    rows = table_rows()
+    rows[2]["arousal"] = "high"
+    with pytest.raises(NonNumericDimensionError, match=r"arousal value\(s\) \['high'\]"):
+        read_table(write_table(tmp_path / "labels.csv", rows))
+
+
+def test_unknown_split_value_is_named(tmp_path):
+    rows = table_rows()
+    rows[0]["split"] = "holdout"
+    with pytest.raises(UnknownSplitError, match="holdout"):
+        read_table(write_table(tmp_path / "labels.csv", rows))
+
+
+def test_speaker_in_two_predefined_splits_is_refused(tmp_path):
+    rows = table_rows()
+    rows[0]["split"] = "test"  # spk0 trains and now also tests
+    with pytest.raises(SpeakerInSeveralSplitsError, match=r"spk0 in test\+train"):
+        read_table(write_table(tmp_path / "labels.csv", rows))
+
+
+def test_errors_come_before_any_audio_is_read(tmp_path):
+    rows = table_rows()
+    rows[0]["gender"] = "x"
+    table = write_table(tmp_path / "labels.csv", rows, audio=False)  # no audio at all
+    with pytest.raises(UnknownGenderError):
+        read_table(table)
+
+
+# --------------------------------------------------------------------------- predefined split
+
+def test_predefined_split_is_one_speaker_independent_fold(tmp_path):
+    manifest = read_table(write_table(tmp_path / "labels.csv", table_rows()))
+    assert count_folds(manifest, "predefined") == 1
+    split = make_split(manifest, "predefined")
+    assert split.speaker_independent
+    assert split.test_speakers == ["spk3"] and split.val_speakers == ["spk2"]
+    assert len(split.train) == 8 and len(split.val) == 4 and len(split.test) == 4
+
+
+def test_predefined_split_tells_when_a_speaker_crosses_parts(tmp_path):
+    manifest = read_table(write_table(tmp_path / "labels.csv", table_rows()))
+    manifest.loc[0, "split"] = "test"  # e.g. an official split that is not speaker-independent
+    split = make_split(manifest, "predefined")
+    assert not split.speaker_independent
+    assert split.summary()["speaker_independent"] is False
+
+
+def test_predefined_split_leaves_out_other_parts(tmp_path):
+    manifest = read_table(write_table(tmp_path / "labels.csv", table_rows()))
+    manifest.loc[0, "split"] = "test2"
+    split = make_split(manifest, "predefined")
+    assert manifest.loc[0, "id"] not in split.train + split.val + split.test
+
+
+def test_predefined_split_without_split_column_says_what_to_use(tmp_path):
+    rows = [{k: v for k, v in row.items() if k != "split"} for row in table_rows()]
+    manifest = read_table(write_table(tmp_path / "labels.csv", rows))
+    with pytest.raises(ValueError, match="needs a 'split' column"):
+        make_split(manifest, "predefined")
+
+
+def test_classes_default_to_the_labels_found_after_label_map(tmp_path):
+    table = write_table(tmp_path / "labels.csv",
+                        table_rows(emotions=("angry", "sad", "neutral")))
+    datamodule = SERDataModule(name="manifest", reader=read_table, root=str(table),
+                               features=None, classes=[], label_map={"angry": "anger"})
+    manifest = datamodule.load_manifest()
+    assert datamodule.classes == ["anger", "neutral", "sad"]
+    assert len(manifest) == 24
