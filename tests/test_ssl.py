@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 import torch
 import torchaudio
@@ -216,6 +218,12 @@ def test_train_register_and_infer_with_a_tiny_checkpoint(tmp_path, tiny_checkpoi
     assert len(records) == 2 and all(r["emotion"] in spec.classes for r in records)
     own = Predictor.from_dir(model_dir).predict_file(wavs[0])
     assert own["emotion"] == records[0]["emotion"]
+    mlflow.set_tracking_uri(store_uri(tmp_path))  # the registered pyfunc runs the same encoder
+    served = mlflow.pyfunc.load_model(f"models:/ser-synthetic-ssl_attn/{version.version}")
+    frame = served.predict(pd.DataFrame({"path": [str(wavs[0])], "audio_base64": [""]}))
+    assert frame.loc[0, "emotion"] == own["emotion"]
+    for name, score in own["scores"].items():
+        assert frame.loc[0, f"score_{name}"] == pytest.approx(score, abs=1e-6)
 
 
 def test_a_model_refuses_an_encoder_checkpoint_that_changed(tmp_path):

@@ -85,10 +85,11 @@ def missing_weights_message(name: str) -> str:
     return (
         f"the weights of torchaudio bundle {name} are not on this machine: expected "
         f"{path.name} in the torch hub cache folder {path.parent} (nothing is downloaded "
-        f"during training or inference). On a machine with internet run\n"
-        f"    python -c \"import torchaudio; torchaudio.pipelines.{name}.get_model()\"\n"
+        f"during training or inference). On a machine with internet run "
+        f"`python -c 'import torchaudio; torchaudio.pipelines.{name}.get_model()'`, "
         f"then copy ~/.cache/torch/hub/checkpoints/{path.name} into {path.parent} here "
-        f"(or set TORCH_HOME), or give a local file with feature.checkpoint=/path/model.pth")
+        f"(or point TORCH_HOME at a folder holding hub/checkpoints/{path.name}), or give a "
+        f"local file with feature.checkpoint=/path/model.pth")
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
