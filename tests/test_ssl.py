@@ -242,3 +242,24 @@ def test_a_model_refuses_an_encoder_checkpoint_that_changed(tmp_path):
     save_tiny_encoder(tmp_path / "e.pth", seed=1)
     with pytest.raises(UnsafeArtifactError, match="sha256"):
         Predictor.from_dir(model_dir)
+
+
+def test_ssl_attn_fusion_appends_functionals_of_the_layer_mix():
+    torch.manual_seed(0)
+    model = SslAttn(in_channels=3, n_features=8, n_emotions=4, projection_dim=8,
+                    attention_dim=4, head_hidden=8, fusion_dim=4).eval()
+    features = torch.randn(2, 3, 8, 12)
+    features[1, ..., 7:] = 0
+    batch = model(features, torch.tensor([12, 7]))
+    alone = model(features[1:, ..., :7], torch.tensor([7]))
+    assert torch.allclose(batch["emotion"][1], alone["emotion"][0], atol=1e-5)
+
+
+def test_trim_db_cuts_the_silence_around_speech_before_the_encoder(tiny_checkpoint):
+    from ser_pipeline.audio import trim_silence
+
+    trimmed = SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint), trim_db=40.0)
+    wave = torch.cat([torch.zeros(8000), 0.1 * torch.randn(8000), torch.zeros(8000)])
+    assert trimmed.config()["trim_db"] == 40.0
+    assert trimmed(wave).shape[-1] == trimmed.frames_for(len(trim_silence(wave, 16000, 40.0)))
+    assert trimmed(wave).shape[-1] < trimmed.frames_for(len(wave))

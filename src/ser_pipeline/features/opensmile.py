@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ser_pipeline.audio import trim_silence
+
 log = logging.getLogger(__name__)
 
 LEVELS = {"lld": "LowLevelDescriptors", "lld_deltas": "LowLevelDescriptors_Deltas",
@@ -54,10 +56,12 @@ class OpenSmileFeatures(nn.Module):
     ``level``: ``lld``, ``lld_deltas`` or ``functionals`` (one frame per utterance).
     ``opensmile_version`` is what :meth:`config` recorded; another installed version only
     warns (its values may differ slightly from the ones a model was trained on).
+    ``trim_db``: cut leading/trailing silence more than this below the loudest frame first.
     """
 
     def __init__(self, feature_set: str = "eGeMAPSv02", level: str = "lld",
-                 sample_rate: int = 16000, opensmile_version: str | None = None) -> None:
+                 sample_rate: int = 16000, opensmile_version: str | None = None,
+                 trim_db: float | None = None) -> None:
         super().__init__()
         opensmile = import_opensmile()
         if level not in LEVELS:
@@ -66,6 +70,7 @@ class OpenSmileFeatures(nn.Module):
             raise ValueError(f"unknown openSMILE feature set {feature_set!r} (known: "
                              f"{', '.join(opensmile.FeatureSet.__members__)})")
         self.feature_set, self.level, self.sample_rate = feature_set, level, int(sample_rate)
+        self.trim_db = trim_db
         self.version = opensmile.__version__
         if opensmile_version is not None and opensmile_version != self.version:
             log.warning("features were made with opensmile %s, this is %s: values may differ",
@@ -92,7 +97,8 @@ class OpenSmileFeatures(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"name": "opensmile", "feature_set": self.feature_set, "level": self.level,
-                "sample_rate": self.sample_rate, "opensmile_version": self.version}
+                "sample_rate": self.sample_rate, "opensmile_version": self.version,
+                "trim_db": self.trim_db}
 
     @torch.no_grad()
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -104,6 +110,8 @@ class OpenSmileFeatures(nn.Module):
     def _features(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` -> ``(1, n_features, frames)``."""
         signal = waveform.detach().to("cpu", torch.float32)
+        if self.trim_db is not None:
+            signal = trim_silence(signal, self.sample_rate, self.trim_db)
         shortest = round(MIN_SECONDS * self.sample_rate)
         if signal.shape[-1] < shortest:
             signal = nn.functional.pad(signal, (0, shortest - signal.shape[-1]))

@@ -35,6 +35,8 @@ import torch
 import torchaudio
 from torch import nn
 
+from ser_pipeline.audio import trim_silence
+
 log = logging.getLogger(__name__)
 
 #: the torchaudio builders a checkpoint may name (nothing else is ever called)
@@ -141,6 +143,7 @@ class SSLFeatures(nn.Module):
     ``builder`` and ``digest`` are what :meth:`config` recorded; when given they must match
     the weights found, so a model never runs on an encoder it was not trained with.
     ``device``: where the encoder runs (``auto``: CUDA when available); outputs are on the CPU.
+    ``trim_db``: cut leading/trailing silence more than this below the loudest frame first.
     """
 
     def __init__(
@@ -153,6 +156,7 @@ class SSLFeatures(nn.Module):
         digest: str | None = None,
         device: str = "auto",
         finetune: bool = False,
+        trim_db: float | None = None,
     ) -> None:
         super().__init__()
         if finetune:
@@ -162,6 +166,7 @@ class SSLFeatures(nn.Module):
             raise ValueError("feature=ssl needs feature.encoder=<torchaudio bundle name> or "
                              "feature.checkpoint=/path/model.pth")
         self.sample_rate = int(sample_rate)
+        self.trim_db = trim_db
         model, self.builder, self.encoder_name, files = self._load(encoder, checkpoint)
         self.checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
         self.digest = weights_digest(*files)
@@ -265,6 +270,7 @@ class SSLFeatures(nn.Module):
             "digest": self.digest,
             "layers": list(self.layers),
             "sample_rate": self.sample_rate,
+            "trim_db": self.trim_db,
         }
 
     def train(self, mode: bool = True) -> SSLFeatures:
@@ -285,6 +291,8 @@ class SSLFeatures(nn.Module):
 
     def _hidden_states(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` -> ``(layers, dim, frames)`` float16 on the CPU."""
+        if self.trim_db is not None:
+            waveform = trim_silence(waveform, self.sample_rate, self.trim_db)
         wave = waveform.float().reshape(1, -1)
         if wave.shape[-1] < self._receptive_field:  # shorter than one frame: pad to one
             wave = nn.functional.pad(wave, (0, self._receptive_field - wave.shape[-1]))
