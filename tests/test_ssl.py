@@ -242,6 +242,9 @@ def test_a_model_refuses_an_encoder_checkpoint_that_changed(tmp_path):
     save_tiny_encoder(tmp_path / "e.pth", seed=1)
     with pytest.raises(UnsafeArtifactError, match="sha256"):
         Predictor.from_dir(model_dir)
+    (tmp_path / "e.pth").unlink()
+    with pytest.raises(UnsafeArtifactError, match="e.pth: no such file"):
+        Predictor.from_dir(model_dir)
 
 
 def test_ssl_attn_fusion_appends_functionals_of_the_layer_mix():

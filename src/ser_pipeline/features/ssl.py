@@ -112,8 +112,9 @@ def weights_digest(*paths: Path) -> str:
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], list[Path]]:
     """The checkpoint's contents (architecture fields + ``state_dict``) and the files read."""
-    if not path.is_file():
-        raise FileNotFoundError(f"feature.checkpoint={path}: no such file")
+    if not path.is_file():  # a ValueError, so a model directory names it (UnsafeArtifactError)
+        raise EncoderWeightsMissing(f"feature.checkpoint={path}: no such file (a model "
+                                    "references its frozen encoder by path and sha256)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
