@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
-from ser_pipeline.corpora import CorpusNotFoundError, read_table, validate_manifest
+from ser_pipeline.corpora import (
+    CorpusNotFoundError,
+    generate_synthetic_corpus,
+    read_table,
+    validate_manifest,
+)
 from ser_pipeline.corpora.table import (
     EmptyTableError,
     MissingAudioError,
@@ -19,6 +27,7 @@ from ser_pipeline.corpora.table import (
 from ser_pipeline.data import SERDataModule
 from ser_pipeline.splits import count_folds, make_split
 from tests.corpus_trees import table_rows, write_table, write_tiny_wav
+from tests.e2e import FAST, run_script, store_uri
 
 
 def test_table_becomes_a_valid_manifest_with_absolute_paths_and_canonical_genders(tmp_path):
@@ -167,3 +176,71 @@ def test_classes_default_to_the_labels_found_after_label_map(tmp_path):
     manifest = datamodule.load_manifest()
     assert datamodule.classes == ["anger", "neutral", "sad"]
     assert len(manifest) == 24
+
+
+# --------------------------------------------------------------------------- end to end
+
+#: train.py overrides of a short run on the generated table (FAST without its synthetic options)
+TABLE_FAST = ["data=manifest", "data.val_speakers=1",
+              *[o for o in FAST if not o.startswith("data.")]]
+
+
+@pytest.fixture(scope="module")
+def table_project(tmp_path_factory):
+    """A generated 4-speaker corpus listed in a CSV with a predefined split, and one run on it."""
+    root = tmp_path_factory.mktemp("table_project")
+    corpus = generate_synthetic_corpus(root / "mycorpus", n_speakers=4, utterances_per_class=3)
+    table = pd.read_csv(corpus / "labels.csv").drop(columns=["id", "duration"])
+    parts = dict(zip(sorted(table["speaker"].unique()), ["train", "train", "val", "test"],
+                     strict=True))
+    table["split"] = table["speaker"].map(parts)
+    table.to_csv(corpus / "labels.csv", index=False)
+    args = [*TABLE_FAST, f"data.manifest={corpus / 'labels.csv'}", "data.split=predefined"]
+    result = run_script("train.py", args, root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, corpus / "labels.csv", MlflowClient(tracking_uri=store_uri(root))
+
+
+def _runs(client: MlflowClient) -> list:
+    return client.search_runs([client.get_experiment_by_name("ser-pipeline").experiment_id])
+
+
+@pytest.mark.slow
+def test_training_on_a_table_uses_its_predefined_split_and_the_labels_found(table_project):
+    root, _, client = table_project
+    (run,) = _runs(client)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["split_protocol"] == "predefined"
+    assert run.data.tags["speaker_independent"] == "true"
+    assert run.data.tags["test_speakers"] == "spk03"
+    summary = json.loads(Path(client.download_artifacts(run.info.run_id, "data/summary.json",
+                                                        str(root))).read_text())
+    assert summary["classes"] == ["anger", "happiness", "neutral", "sadness"]  # data.classes: []
+    assert summary["test"]["utterances"] == 12 and summary["val"]["speakers"] == ["spk02"]
+
+
+@pytest.mark.slow
+def test_infer_predicts_with_the_model_trained_on_a_table(table_project):
+    root, table, _ = table_project
+    model_dir = next((root / "outputs").rglob("model/model.yaml")).parent
+    wav = table.parent / "wav" / "spk03" / "spk03_anger_000.wav"
+    result = run_script("infer.py", ["--model", str(model_dir), "--json", str(wav)], root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["emotion"] in {"anger", "happiness", "neutral", "sadness"}
+    assert set(record["scores"]) == {"anger", "happiness", "neutral", "sadness"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split,folds", [("predefined", 1), ("loso", 4)])
+def test_cross_validation_on_a_table(table_project, tmp_path, split, folds):
+    _, table, _ = table_project
+    args = [*TABLE_FAST, f"data.manifest={table}", f"data.split={split}", "data.fold=all",
+            "logger.mlflow.log_model=false"]
+    result = run_script("train.py", args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"=== cross-validation: {split}, {folds}/{folds} folds ===" in result.stdout
+    runs = _runs(MlflowClient(tracking_uri=store_uri(tmp_path)))
+    (parent,) = [r for r in runs if r.data.tags.get("cross_validation") == "true"]
+    assert parent.data.metrics["cv/folds_run"] == folds
+    assert len(runs) == folds + 1
