@@ -299,3 +299,20 @@ def test_select_classes_does_not_modify_its_input(iemocap_like):
 def test_select_classes_rejects_a_class_without_utterances(iemocap_like):
     with pytest.raises(ValueError, match="boredom"):
         select_classes(iemocap_like, ["anger", "boredom"], None)
+
+
+def test_data_msppodcast_config_reads_the_tree_with_its_official_split(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ser_pipeline.splits import make_split
+    from tests.e2e import REPO
+
+    root = build_msppodcast_tree(tmp_path / "MSP-Podcast")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["data=msppodcast", f"data.root={root}"])
+    assert cfg.data.split == "predefined"
+    datamodule = instantiate(cfg.data, features=None, _convert_="partial")
+    split = make_split(datamodule.load_manifest(), **datamodule.split_options)
+    assert split.protocol == "predefined" and split.speaker_independent
+    assert split.test == ["MSP-PODCAST_0005_0002"]  # Test1 within the 4 default classes
