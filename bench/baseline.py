@@ -4,8 +4,11 @@ Why: the seeds' and the literature's EMO-DB figures (openSMILE + SVM, about 73-7
 come from other splits and tools. This rebuilds that kind of baseline from the project's own
 parts - corpus reader, speaker-independent splits (``ser_pipeline.splits``), the 34 LLDs of
 ``feature=lld`` and the feature cache - so the deep models' lines in the README can be read
-against it fold for fold. It is a reference, not a pipeline model: no Lightning, no MLflow
-run, nothing ``infer.py`` can load.
+against it fold for fold. The functionals and the SVM fit are ``ser_pipeline.classic``'s, the
+code of ``model=svm``: ``python train.py model=svm data.fold=all`` runs the same reference as a
+pipeline model (MLflow runs, a registered model ``infer.py`` loads) and gives the same global
+fold figures; this script adds the transductive *speaker* normalisation of the functionals
+and writes the benchmark results.
 
 Per utterance: the 34 LLDs and their deltas, each summarised by 8 functionals (mean, std,
 min, max, 10th/50th/90th percentile, linear slope) = 544 numbers. Per fold: features are
@@ -49,25 +52,17 @@ from bench.common import (
     started_at,
     write_result,
 )
+from ser_pipeline.classic import (
+    C_GRID,
+    FUNCTIONALS,
+    GAMMA_SCALES,
+    fit_with_validation_grid,
+    functionals,  # noqa: F401 - bench.baseline.functionals, the one implementation
+    utterance_vector,
+)
 
 NORMALISATIONS = ("global", "speaker")
 PROTOCOLS = ("loso", "ltso", "group_kfold")
-C_GRID = (0.1, 1.0, 10.0, 100.0)
-GAMMA_SCALES = (0.25, 1.0, 4.0)  # times 1 / n_features, sklearn's "scale" on z-scored data
-FUNCTIONALS = ("mean", "std", "min", "max", "p10", "p50", "p90", "slope")
-
-
-def functionals(frames: np.ndarray) -> np.ndarray:
-    """``(n_lld, time)`` LLD frames -> one vector: 8 functionals of every LLD and its delta."""
-    delta = np.gradient(frames, axis=1) if frames.shape[1] > 1 else np.zeros_like(frames)
-    rows = np.concatenate([frames, delta]).astype(np.float64)
-    time_axis = np.arange(rows.shape[1], dtype=np.float64)
-    centred = time_axis - time_axis.mean()
-    denominator = float((centred**2).sum()) or 1.0
-    p10, p50, p90 = np.percentile(rows, [10, 50, 90], axis=1)
-    slope = (rows * centred).sum(axis=1) / denominator
-    return np.concatenate([rows.mean(1), rows.std(1), rows.min(1), rows.max(1),
-                           p10, p50, p90, slope])
 
 
 def utterance_table(overrides: list[str]) -> tuple[Any, np.ndarray, dict[str, str], Any]:
@@ -87,8 +82,7 @@ def utterance_table(overrides: list[str]) -> tuple[Any, np.ndarray, dict[str, st
         lambda path: extractor(read_audio(path, extractor.sample_rate)),
         cache, f"{datamodule.name} LLDs", progress=False)
     keep = np.array([f is not None for f in features])
-    table = np.stack([functionals(f[0].numpy() if f.dim() == 3 else f.numpy())
-                      for f in features if f is not None])
+    table = np.stack([utterance_vector(f, "functionals") for f in features if f is not None])
     return manifest[keep].reset_index(drop=True), table, skipped, cfg
 
 
@@ -102,38 +96,24 @@ def speaker_normalised(table: np.ndarray, speakers: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float) -> Any:
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
-
-    return make_pipeline(StandardScaler(), SVC(C=c, gamma=gamma_scale / x.shape[1],
-                                               class_weight="balanced")).fit(x, y)
-
-
 def run_fold(table: np.ndarray, labels: np.ndarray, parts: dict[str, np.ndarray]
              ) -> dict[str, Any]:
     """Choose (C, gamma) on validation speakers, refit on train + val, score the test speakers."""
-    from ser_pipeline.training import label_scores
+    from ser_pipeline.metrics import label_scores
 
     train, val, test = parts["train"], parts["val"], parts["test"]
-    tried = []
-    for c, gamma in itertools.product(C_GRID, GAMMA_SCALES):
-        model = fit_svm(table[train], labels[train], c, gamma)
-        tried.append((label_scores(labels[val], model.predict(table[val]))["uar"], -c, -gamma))
-    val_uar, neg_c, neg_gamma = max(tried)  # ties: the smaller C and gamma (simpler model)
-    c, gamma = -neg_c, -neg_gamma
-    fit_rows = train | val
-    model = fit_svm(table[fit_rows], labels[fit_rows], c, gamma)
+    model, chosen = fit_with_validation_grid(table[train], labels[train], table[val],
+                                             labels[val], C_GRID, GAMMA_SCALES)
     predicted = model.predict(table[test])
-    return {"val_uar": val_uar, "C": c, "gamma_scale": gamma, "predicted": predicted,
-            **label_scores(labels[test], predicted)}
+    return {"val_uar": chosen["val_uar"], "C": chosen["C"], "gamma_scale": chosen["gamma_scale"],
+            "predicted": predicted, **label_scores(labels[test], predicted)}
 
 
 def cross_validate(manifest: Any, table: np.ndarray, cfg: Any, protocol: str,
                    normalisation: str) -> dict[str, Any]:
     from sklearn.metrics import confusion_matrix
 
+    from ser_pipeline.metrics import summarise_folds
     from ser_pipeline.splits import count_folds, make_split
 
     classes = list(cfg.data.classes)
@@ -154,12 +134,9 @@ def cross_validate(manifest: Any, table: np.ndarray, cfg: Any, protocol: str,
                                       labels=classes)
         folds.append({"fold": fold, "test_speakers": split.test_speakers,
                       "val_speakers": split.val_speakers, **result})
-    metrics = ("uar", "wa", "f1")
+    # mean and sample std over folds: the one summary train.py's cross-validation reports too
     return {"n_folds": n_folds, "folds": folds, "classes": classes,
-            "confusion": confusion.tolist(),
-            "mean": {m: float(np.mean([f[m] for f in folds])) for m in metrics},
-            # sample std over folds, as the cross-validation summary of train.py reports it
-            "std": {m: float(np.std([f[m] for f in folds], ddof=1)) for m in metrics}}
+            "confusion": confusion.tolist(), **summarise_folds(folds, ("uar", "wa", "f1"))}
 
 
 TABLE_HEADERS = ["corpus", "protocol", "normalisation", "folds", "UAR", "WA", "macro-F1",

@@ -68,9 +68,10 @@ class LoadedModel:
 
 
 def _architectures() -> dict[str, type[nn.Module]]:
+    from ser_pipeline.classic import SVMClassifier
     from ser_pipeline.models import MODELS
 
-    return {cls.__name__: cls for cls in MODELS.values()}
+    return {cls.__name__: cls for cls in (*MODELS.values(), SVMClassifier)}
 
 
 def save_model_dir(

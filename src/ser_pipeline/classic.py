@@ -1,0 +1,427 @@
+"""The classic reference as a pipeline model: utterance functionals + an RBF SVM (``model=svm``).
+
+Per utterance, frame features ``(channels, n_features, frames)`` become one vector
+(:func:`utterance_vector`): every feature row and its delta summarised by 8 functionals
+(:func:`functionals`; the 34 LLDs of ``feature=lld`` give 544 numbers), or, for a feature with
+one frame per utterance (a vector of functionals already, e.g. eGeMAPS), that frame as is.
+The vectors are z-scored with the fitting rows' statistics and an RBF SVM (class-balanced) is
+trained; ``C`` and ``gamma`` are chosen by UAR on the fold's *validation speakers* (the test
+speakers are never looked at), then the SVM is refit on training + validation speakers with
+that choice (:func:`fit_with_validation_grid`). ``bench/baseline.py`` uses the same functions.
+
+:class:`SVMClassifier` predicts from stored arrays only (support vectors, dual coefficients,
+intercepts, gamma, the z-scoring statistics): libsvm's one-vs-one decision values and voting,
+reimplemented in torch, so a model directory is YAML + safetensors and serving needs no
+scikit-learn. It keeps the networks' call contract (``net(features, lengths) -> {"emotion",
+"gender", "vad", "embedding"}``), so ``Predictor`` serves it unchanged: the emotion "logits"
+are the one-vs-one vote counts, ``Predictor``'s softmax of them gives the scores, and its
+choice (the first class among equal votes) is libsvm's prediction.
+
+:func:`train_svm` is what ``training.train`` runs for an svm model config: fit, test, and the
+MLflow record of a deep model (params, metrics, confusion matrices, pyfunc model, registry).
+Only this module's training half imports scikit-learn or MLflow (when it runs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ser_pipeline.metrics import label_scores
+
+log = logging.getLogger(__name__)
+
+#: the summaries of every feature row (and of its delta), in the order of :func:`functionals`
+FUNCTIONALS = ("mean", "std", "min", "max", "p10", "p50", "p90", "slope")
+#: the reference's grid (``conf/model/svm.yaml`` repeats it); gamma is a multiple of
+#: 1 / n_inputs, scikit-learn's ``gamma="scale"`` on z-scored inputs
+C_GRID = (0.1, 1.0, 10.0, 100.0)
+GAMMA_SCALES = (0.25, 1.0, 4.0)
+#: ``model.summary``: ``functionals`` of the frames, ``vector`` (a 1-frame feature as is), or
+#: ``auto`` (``vector`` when every training utterance has exactly one frame)
+SUMMARIES = ("auto", "functionals", "vector")
+
+
+# -- utterance vectors ---------------------------------------------------------------------------
+
+def functionals(frames: np.ndarray) -> np.ndarray:
+    """``(rows, time)`` frame features -> ``(8 * 2 * rows,)``: 8 functionals of every row and its
+    delta (all means, then all stds, ... in :data:`FUNCTIONALS` order), in float64."""
+    frames = np.asarray(frames, dtype=np.float64)
+    delta = np.gradient(frames, axis=1) if frames.shape[1] > 1 else np.zeros_like(frames)
+    rows = np.concatenate([frames, delta])
+    time_axis = np.arange(rows.shape[1], dtype=np.float64)
+    centred = time_axis - time_axis.mean()
+    denominator = float((centred**2).sum()) or 1.0
+    p10, p50, p90 = np.percentile(rows, [10, 50, 90], axis=1)
+    slope = (rows * centred).sum(axis=1) / denominator
+    return np.concatenate([rows.mean(1), rows.std(1), rows.min(1), rows.max(1),
+                           p10, p50, p90, slope])
+
+
+def utterance_vector(features: torch.Tensor, summary: str) -> np.ndarray:
+    """One utterance's ``(channels, n_features, frames)`` -> its float64 vector.
+
+    ``functionals``: :func:`functionals` of the ``channels * n_features`` rows; ``vector``:
+    the first (only) frame, flattened.
+    """
+    rows = features.detach().cpu().reshape(-1, features.shape[-1]).numpy()
+    if summary == "vector":
+        return rows[:, 0].astype(np.float64)
+    if summary == "functionals":
+        return functionals(rows)
+    raise ValueError(f"summary must be 'functionals' or 'vector', not {summary!r}")
+
+
+def resolve_summary(configured: str, features: list[torch.Tensor]) -> str:
+    """``model.summary`` made concrete for the training utterances ``features``."""
+    if configured not in SUMMARIES:
+        raise ValueError(f"model.summary must be one of {', '.join(SUMMARIES)}, "
+                         f"not {configured!r}")
+    if configured != "auto":
+        return configured
+    return "vector" if all(f.shape[-1] == 1 for f in features) else "functionals"
+
+
+def utterance_table(features: list[torch.Tensor], summary: str) -> np.ndarray:
+    """``(utterances, n_inputs)`` float64: :func:`utterance_vector` of each item."""
+    return np.stack([utterance_vector(f, summary) for f in features])
+
+
+# -- fitting (scikit-learn) --------------------------------------------------------------------
+
+@dataclass
+class FittedSVM:
+    """A trained reference: z-scoring statistics + scikit-learn's ``SVC`` on z-scored rows."""
+
+    mean: np.ndarray  # (n_inputs,)
+    std: np.ndarray  # (n_inputs,)
+    svc: Any  # sklearn.svm.SVC
+    c: float
+    gamma_scale: float
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.mean) / self.std
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """scikit-learn's prediction for ``(rows, n_inputs)`` unstandardised vectors."""
+        return self.svc.predict(self.standardise(x))
+
+
+def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float,
+            class_weight: str | None = "balanced") -> FittedSVM:
+    """z-score ``x`` with its own statistics and fit an RBF SVM (``gamma = scale / n_inputs``)."""
+    from sklearn.svm import SVC
+
+    x = np.asarray(x, dtype=np.float64)
+    mean, std = x.mean(0), x.std(0)
+    std = np.where(std > 1e-8, std, 1.0)  # a constant input is left as is
+    svc = SVC(C=c, kernel="rbf", gamma=gamma_scale / x.shape[1], class_weight=class_weight)
+    return FittedSVM(mean, std, svc.fit((x - mean) / std, y), float(c), float(gamma_scale))
+
+
+def fit_with_validation_grid(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+    c_grid: tuple[float, ...] = C_GRID, gamma_scales: tuple[float, ...] = GAMMA_SCALES,
+    class_weight: str | None = "balanced",
+) -> tuple[FittedSVM, dict[str, Any]]:
+    """Choose ``(C, gamma)`` by validation UAR, then refit on training + validation rows.
+
+    Every grid point is fitted on the training rows and scored on the validation rows; ties go
+    to the smaller C, then the smaller gamma (the simpler model). The refit sees the training
+    rows, then the validation rows. Returns the refit model and ``{"C", "gamma_scale",
+    "val_uar", "val_predicted" (of the chosen grid point), "grid": [{"C", "gamma_scale",
+    "val_uar"}, ...]}``.
+    """
+    tried = []
+    for c, gamma_scale in itertools.product(c_grid, gamma_scales):
+        predicted = fit_svm(x_train, y_train, c, gamma_scale, class_weight).predict(x_val)
+        tried.append((label_scores(y_val, predicted)["uar"], -c, -gamma_scale, predicted))
+    val_uar, neg_c, neg_gamma, val_predicted = max(tried, key=lambda t: t[:3])
+    c, gamma_scale = -neg_c, -neg_gamma
+    fitted = fit_svm(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]),
+                     c, gamma_scale, class_weight)
+    grid = [{"C": -t[1], "gamma_scale": -t[2], "val_uar": t[0]} for t in tried]
+    return fitted, {"C": c, "gamma_scale": gamma_scale, "val_uar": val_uar,
+                    "val_predicted": val_predicted, "grid": grid}
+
+
+# -- prediction from stored arrays (no scikit-learn) -----------------------------------------------
+
+def rbf_kernel(x: torch.Tensor, support_vectors: torch.Tensor, gamma: float,
+               chunk_elements: int = 4_000_000) -> torch.Tensor:
+    """``exp(-gamma * |x - sv|^2)``: ``(batch, d)`` x ``(n_sv, d)`` -> ``(batch, n_sv)``.
+
+    Squared differences summed directly, as libsvm's dense kernel does (not the
+    ``|x|^2 + |sv|^2 - 2 x.sv`` expansion, which loses digits), in chunks of rows.
+    """
+    rows = max(1, chunk_elements // max(1, support_vectors.numel()))
+    parts = [(x[start:start + rows, None, :] - support_vectors[None]).square().sum(-1)
+             for start in range(0, x.shape[0], rows)]
+    distances = torch.cat(parts) if parts else x.new_zeros((0, support_vectors.shape[0]))
+    return torch.exp(-gamma * distances)
+
+
+def ovo_decision_values(kernel: torch.Tensor, dual_coef: torch.Tensor, intercept: torch.Tensor,
+                        n_support: list[int]) -> torch.Tensor:
+    """libsvm's one-vs-one decision values ``(batch, n_pairs)`` from the kernel ``(batch, n_sv)``.
+
+    Support vectors are grouped by class (``n_support`` each); pairs are ``(i, j)``, ``i < j``,
+    in order; pair ``(i, j)`` weighs class i's support vectors with ``dual_coef[j - 1]`` and
+    class j's with ``dual_coef[i]`` and adds its intercept (scikit-learn's ``_dual_coef_`` and
+    ``_intercept_``, i.e. minus libsvm's rho). Positive: a vote for i.
+    """
+    starts = np.concatenate([[0], np.cumsum(n_support)]).tolist()
+    values = []
+    for p, (i, j) in enumerate(itertools.combinations(range(len(n_support)), 2)):
+        si, sj = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
+        values.append(kernel[:, si] @ dual_coef[j - 1, si] + kernel[:, sj] @ dual_coef[i, sj]
+                      + intercept[p])
+    return torch.stack(values, dim=1)
+
+
+def ovo_votes(decision_values: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``(batch, n_pairs)`` decision values -> ``(batch, n_classes)`` vote counts (float64)."""
+    votes = decision_values.new_zeros((decision_values.shape[0], n_classes))
+    for p, (i, j) in enumerate(itertools.combinations(range(n_classes), 2)):
+        wins = (decision_values[:, p] > 0).to(votes.dtype)  # libsvm: > 0 for i, else j
+        votes[:, i] += wins
+        votes[:, j] += 1 - wins
+    return votes
+
+
+class SVMClassifier(nn.Module):
+    """A fitted RBF SVM on utterance vectors, with a network's call contract.
+
+    ``forward(features (batch, channels, n_features, frames), lengths (batch,))`` -> dict:
+    ``emotion`` ``(batch, n_emotions)`` one-vs-one vote counts (``-inf`` for a class the SVM
+    never saw), ``gender`` ``(batch, n_genders)`` and ``vad`` ``(batch, n_dims)`` zeros (it
+    predicts neither: its model directory says ``has_gender: false``), ``embedding`` the
+    z-scored utterance vectors. Every array is a float64 buffer, so the state dict is the
+    model and nothing else is stored.
+    """
+
+    def __init__(self, n_inputs: int, n_support: list[int], svm_classes: list[int],
+                 n_emotions: int, gamma: float, summary: str = "functionals",
+                 n_genders: int = 2, n_dims: int = 3) -> None:
+        super().__init__()
+        if summary not in ("functionals", "vector"):
+            raise ValueError(f"summary must be 'functionals' or 'vector', not {summary!r}")
+        if len(n_support) != len(svm_classes) or len(svm_classes) < 2:
+            raise ValueError("need n_support for each of at least two svm_classes")
+        if any(not 0 <= c < n_emotions for c in svm_classes):
+            raise ValueError(f"svm_classes must index the {n_emotions} emotion classes")
+        self.n_inputs, self.n_support = int(n_inputs), [int(n) for n in n_support]
+        self.svm_classes, self.n_emotions = [int(c) for c in svm_classes], int(n_emotions)
+        self.gamma, self.summary = float(gamma), summary
+        self.n_genders, self.n_dims = n_genders, n_dims
+        n_sv, k = sum(self.n_support), len(self.svm_classes)
+        double = torch.float64
+        self.register_buffer("input_mean", torch.zeros(self.n_inputs, dtype=double))
+        self.register_buffer("input_std", torch.ones(self.n_inputs, dtype=double))
+        self.register_buffer("support_vectors", torch.zeros(n_sv, self.n_inputs, dtype=double))
+        self.register_buffer("dual_coef", torch.zeros(k - 1, n_sv, dtype=double))
+        self.register_buffer("intercept", torch.zeros(k * (k - 1) // 2, dtype=double))
+
+    @classmethod
+    def from_fitted(cls, fitted: FittedSVM, n_emotions: int, summary: str
+                    ) -> tuple[SVMClassifier, dict[str, Any]]:
+        """The arrays of ``fitted`` (trained on class indices) -> ``(model, its kwargs)``."""
+        svc = fitted.svc
+        kwargs = {"n_inputs": int(svc.support_vectors_.shape[1]),
+                  "n_support": [int(n) for n in svc.n_support_],
+                  "svm_classes": [int(c) for c in svc.classes_], "n_emotions": int(n_emotions),
+                  "gamma": float(svc._gamma), "summary": summary}
+        net = cls(**kwargs)
+        arrays = {"input_mean": fitted.mean, "input_std": fitted.std,
+                  "support_vectors": svc.support_vectors_,
+                  # libsvm's own signs (the public dual_coef_/intercept_ flip for two classes)
+                  "dual_coef": svc._dual_coef_, "intercept": svc._intercept_}
+        net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+                             for k, v in arrays.items()})
+        return net.eval(), kwargs
+
+    def votes(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_inputs)`` unstandardised vectors -> ``(batch, n_emotions)`` votes."""
+        if vectors.shape[-1] != self.n_inputs:
+            raise ValueError(f"expected {self.n_inputs} inputs per utterance, got "
+                             f"{vectors.shape[-1]} (another feature than the model's?)")
+        x = (vectors.to(torch.float64) - self.input_mean) / self.input_std
+        kernel = rbf_kernel(x, self.support_vectors, self.gamma)
+        decision = ovo_decision_values(kernel, self.dual_coef, self.intercept, self.n_support)
+        per_class = ovo_votes(decision, len(self.svm_classes))
+        votes = per_class.new_full((x.shape[0], self.n_emotions), float("-inf"))
+        votes[:, self.svm_classes] = per_class
+        return votes
+
+    def predict_vectors(self, vectors: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Emotion class indices: the most votes, the first class among equals (libsvm's rule)."""
+        return self.votes(torch.as_tensor(vectors)).argmax(-1).numpy()
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        vectors = torch.from_numpy(np.stack([
+            utterance_vector(features[i, ..., : int(n)], self.summary)
+            for i, n in enumerate(lengths)]))
+        votes = self.votes(vectors)
+        batch = features.shape[0]
+        return {"emotion": votes.float(),
+                "gender": features.new_zeros((batch, self.n_genders)),
+                "vad": features.new_zeros((batch, self.n_dims)),
+                "embedding": ((vectors - self.input_mean) / self.input_std).float()}
+
+
+# -- one run: fit, test, log -----------------------------------------------------------------------
+
+@dataclass
+class SVMRun:
+    """What a fold's summary reads from ``result["module"]`` (the deep runs' ``SERModule``)."""
+
+    net: SVMClassifier
+    best_val_uar: float
+    best_val_confusion: np.ndarray  # (n_classes, n_classes), rows = truth
+    test_confusion: np.ndarray | None
+
+
+def confusion_counts(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(n_classes, n_classes)`` counts of class indices, rows = truth."""
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(truth, dtype=int), np.asarray(predicted, dtype=int)), 1)
+    return counts
+
+
+def fit_and_test(cfg: Any, datamodule: Any) -> dict[str, Any]:
+    """Fit on the datamodule's (normalised) train/val features, test on its test features."""
+    started = time.time()
+    settings = cfg.model
+    sets = datamodule.datasets
+    if datamodule.augment:
+        log.warning("svm: data.augment is ignored; the SVM fits the unaugmented features")
+    summary = resolve_summary(str(settings.get("summary", "auto")), sets["train"].features)
+    x = {part: utterance_table(sets[part].features, summary) for part in sets}
+    y = {part: sets[part].emotion.numpy() for part in sets}
+    fitted, selection = fit_with_validation_grid(
+        x["train"], y["train"], x["val"], y["val"],
+        tuple(float(c) for c in settings.C), tuple(float(g) for g in settings.gamma_scale),
+        settings.get("class_weight"))
+    net, kwargs = SVMClassifier.from_fitted(fitted, len(datamodule.classes), summary)
+    n_classes = len(datamodule.classes)
+    log.info("svm: C=%g, gamma=%g/%d (validation UAR %.4f), %d support vectors, %s of %d "
+             "inputs", selection["C"], selection["gamma_scale"], kwargs["n_inputs"],
+             selection["val_uar"], sum(kwargs["n_support"]), summary, kwargs["n_inputs"])
+    result: dict[str, Any] = {
+        "run_id": None, "best_checkpoint": None, "best_val_uar": selection["val_uar"],
+        "epochs": 0, "selection": selection, "kwargs": kwargs}
+    test_confusion = None
+    if cfg.get("test", True):
+        # what is logged is what serves: the stored arrays predict, not scikit-learn
+        predicted = net.predict_vectors(x["test"])
+        test_confusion = confusion_counts(y["test"], predicted, n_classes)
+        scores = label_scores(y["test"], predicted)
+        recalls = test_confusion.diagonal() / np.maximum(test_confusion.sum(1), 1)
+        result["test"] = {**scores, **{f"recall_{c}": float(r)
+                                       for c, r in zip(datamodule.classes, recalls, strict=True)}}
+        result["confusion"] = test_confusion.tolist()
+    result["module"] = SVMRun(net, selection["val_uar"],
+                              confusion_counts(y["val"], selection["val_predicted"], n_classes),
+                              test_confusion)
+    result["train_seconds"] = time.time() - started
+    return result
+
+
+def train_svm(cfg: Any, datamodule: Any, experiment_id: str | None = None,
+              parent_run_id: str | None = None, tags: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+    """Fit, test and (with ``experiment_id``) log one fold of an svm model config.
+
+    ``datamodule`` is set up; ``tags`` are the run's tags (``training`` builds them as for a
+    deep run). Returns the summary ``training.train`` returns (run id, metrics, confusion,
+    model dir, registered version; ``result["module"]`` is an :class:`SVMRun`).
+    """
+    if experiment_id is None:
+        return fit_and_test(cfg, datamodule)
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from ser_pipeline import tracking
+
+    output_dir = Path(cfg.paths.output_dir)
+    run_name = f"{cfg.model.name}-{datamodule.name}-fold{datamodule.split.fold}"
+    summary = datamodule.summary()
+    with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
+        tracking.log_params(tracking.flatten_config(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
+        mlflow.log_dict(summary, "data/summary.json")
+        mlflow.log_params({f"data.{part}_utterances": summary[part]["utterances"]
+                           for part in ("train", "val", "test")})
+        mlflow.log_param("data.skipped_files", len(datamodule.skipped))
+        result = fit_and_test(cfg, datamodule)
+        result["run_id"] = run.info.run_id
+        _log_results(cfg, datamodule, result, output_dir)
+    return result
+
+
+def _log_results(cfg: Any, datamodule: Any, result: dict[str, Any], output_dir: Path) -> None:
+    """Metrics, confusion matrices, the model directory, its pyfunc model and registration."""
+    import mlflow
+
+    from ser_pipeline import tracking
+    from ser_pipeline.artifact import save_model_dir
+    from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS
+
+    selection, kwargs, fit = result["selection"], result["kwargs"], result["module"]
+    classes = datamodule.classes
+    mlflow.log_params({"svm.C_chosen": selection["C"],
+                       "svm.gamma_scale_chosen": selection["gamma_scale"],
+                       "svm.gamma": kwargs["gamma"], "svm.summary": kwargs["summary"],
+                       "svm.n_inputs": kwargs["n_inputs"],
+                       "svm.support_vectors": sum(kwargs["n_support"])})
+    for step, point in enumerate(selection["grid"]):
+        mlflow.log_metric("val/uar_grid", point["val_uar"], step=step)
+    mlflow.log_text(json.dumps(selection["grid"], indent=1), "svm/grid.json")
+    mlflow.log_metric("val/uar", selection["val_uar"])
+    tracking.log_confusion(fit.best_val_confusion, classes, "val_best",
+                           f"validation (C={selection['C']:g}, gamma={selection['gamma_scale']:g}"
+                           f"/d, UAR {selection['val_uar']:.3f})")
+    if "test" in result:
+        mlflow.log_metrics({f"test/{k}": v for k, v in result["test"].items()})
+        protocol = ("speaker-independent" if datamodule.split.speaker_independent
+                    else "SPEAKER-DEPENDENT")
+        tracking.log_confusion(fit.test_confusion, classes, "test",
+                               f"test, {protocol} (UAR {result['test']['uar']:.3f})")
+    mlflow.log_metric("train_seconds", result["train_seconds"])
+    model_dir = output_dir / "model"
+    save_model_dir(model_dir, fit.net, kwargs, {
+        "features": datamodule.extractor.config(),
+        "classes": classes,
+        "genders": list(GENDERS),
+        "dimensions": list(DIMENSIONS),
+        "has_gender": False,  # the SVM predicts emotion only
+        "has_dimensions": False,
+        "normalization": datamodule.normalization,
+        "info": {"corpus": datamodule.name, "model": str(cfg.model.name),
+                 "run_id": result["run_id"], "split": datamodule.split.summary(),
+                 "test_metrics": result.get("test", {}),
+                 "svm": {"C": selection["C"], "gamma_scale": selection["gamma_scale"],
+                         "val_uar": selection["val_uar"]}},
+    }, datamodule.stats)
+    result["model_dir"] = str(model_dir)
+    mlflow_cfg = cfg.logger.mlflow
+    if mlflow_cfg.get("log_model", True):
+        from ser_pipeline.packaging import log_pyfunc_model
+
+        info = log_pyfunc_model(model_dir)
+        result["model_uri"] = info.model_uri
+        if mlflow_cfg.get("register", True) and "test" in result:
+            version = tracking.register_model(
+                info.model_uri, mlflow_cfg.registered_model_name, "val_uar",
+                selection["val_uar"], mlflow_cfg.get("champion_alias"))
+            result["registered"] = f"models:/{version.name}/{version.version}"
