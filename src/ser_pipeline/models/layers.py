@@ -219,7 +219,8 @@ class FunctionalsBranch(nn.Module):
 
     Concatenated with a model's learned embedding before the heads (early fusion of the
     classic functionals with the deep encoder), it gives every model what the functionals +
-    SVM reference sees. Batch norm keeps the 6 statistics of every row on one scale.
+    SVM reference sees. Layer norm puts the 6 statistics of every row on one scale (batch norm
+    would fail on the one-item batches a corpus's last batch can be).
     """
 
     N_FUNCTIONALS = 6
@@ -227,7 +228,7 @@ class FunctionalsBranch(nn.Module):
     def __init__(self, n_rows: int, output_dim: int, dropout: float = 0.3) -> None:
         super().__init__()
         width = self.N_FUNCTIONALS * n_rows
-        self.project = nn.Sequential(nn.BatchNorm1d(width), nn.Dropout(dropout),
+        self.project = nn.Sequential(nn.LayerNorm(width), nn.Dropout(dropout),
                                      nn.Linear(width, output_dim), nn.ReLU())
         self.output_dim = output_dim
 
