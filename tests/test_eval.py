@@ -150,3 +150,24 @@ def test_same_corpus_eval_of_the_test_split_names_the_split_and_its_speakers(pro
     assert run.data.tags["evaluation"] == "same-corpus"
     assert run.data.tags["speaker_independent"] == "true"
     assert (root / "outputs" / "same" / "predictions.csv").is_file()
+
+
+@pytest.mark.slow
+def test_eval_of_a_model_folder_without_tracking_writes_predictions_and_report(project):
+    from ser_pipeline.evaluation import evaluate
+
+    root, table, client, _ = project
+    model_dir = next((root / "outputs" / "train").rglob("model/model.yaml")).parent
+    runs_before = len(_eval_runs(client))
+    out = root / "outputs" / "untracked"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("eval", overrides=[
+            f"paths.root_dir={root}", f"paths.output_dir={out}", f"model_uri={model_dir}",
+            "logger=none", "data=manifest", f"data.manifest={table}", "data.name=other",
+            "eval.label_map={anger: angry, happiness: happy, sadness: sad}"])
+    report = evaluate(cfg)
+    assert "run_id" not in report and len(_eval_runs(client)) == runs_before
+    assert report["evaluation"] == "cross-corpus"
+    assert len(pd.read_csv(out / "predictions.csv")) == 18
+    assert json.loads((out / "report.json").read_text())["metrics"]["uar"] == report[
+        "metrics"]["uar"]

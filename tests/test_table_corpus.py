@@ -48,6 +48,20 @@ def test_json_lines_table_reads_like_the_csv(tmp_path):
     assert csv.drop(columns="path").equals(jsonl.drop(columns="path"))
 
 
+def test_spreadsheet_exports_with_a_byte_order_mark_and_capitalised_headers_read(tmp_path):
+    write_tiny_wav(tmp_path / "a.wav")
+    (tmp_path / "labels.csv").write_text("\ufeffPath,Emotion,Speaker,Gender\na.wav,anger,s1,Male\n")
+    manifest = read_table(tmp_path / "labels.csv")
+    assert manifest.loc[0, ["id", "emotion", "speaker", "gender"]].tolist() == [
+        "a", "anger", "s1", "male"]
+
+
+def test_json_array_of_records_reads_like_json_lines(tmp_path):
+    write_tiny_wav(tmp_path / "a.wav")
+    (tmp_path / "labels.json").write_text('[{"path": "a.wav", "emotion": "anger", "speaker": 7}]')
+    assert read_table(tmp_path / "labels.json").loc[0, "speaker"] == "7"
+
+
 def test_absolute_paths_and_own_ids_are_kept(tmp_path):
     wav = write_tiny_wav(tmp_path / "elsewhere" / "x.wav")
     rows = [{"id": "u1", "path": str(wav), "emotion": "Anger", "speaker": "007"}]
@@ -133,6 +147,21 @@ def test_errors_come_before_any_audio_is_read(tmp_path):
     table = write_table(tmp_path / "labels.csv", rows, audio=False)  # no audio at all
     with pytest.raises(UnknownGenderError):
         read_table(table)
+
+
+def test_data_manifest_config_hands_the_table_and_missing_policy_to_the_reader(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.e2e import REPO
+
+    table = write_table(tmp_path / "labels.csv", table_rows())
+    (tmp_path / "audio" / "spk1" / "anger_0.wav").unlink()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["data=manifest", f"data.manifest={table}",
+                                          "data.missing=skip"])
+    manifest = instantiate(cfg.data.reader)(cfg.data.root)
+    assert len(manifest) == 15 and set(manifest["corpus"]) == {"manifest"}
 
 
 # --------------------------------------------------------------------------- predefined split

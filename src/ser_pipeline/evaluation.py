@@ -126,8 +126,8 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame
                  ) -> tuple[pd.DataFrame, np.ndarray, dict[str, str]]:
     """Model probabilities ``(n, n_model_classes)`` for the decodable rows; skipped files.
 
-    One file at a time, as ``infer.py`` sees it; a speaker-normalised model gets one call
-    per speaker, which takes that speaker's statistics.
+    One file at a time, as ``infer.py`` sees it; a speaker-normalised model first gathers
+    the statistics of all of that speaker's utterances (:meth:`Predictor.adapt`).
     """
     kept, probabilities, skipped = [], [], {}
     for _, group in rows.groupby(["corpus", "speaker"], sort=False):
@@ -138,12 +138,11 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame
                 indices.append(index)
             except AudioError as error:
                 skipped[str(path)] = error.reason
-        if not waveforms:
-            continue
         if predictor.speaker_normalised:
-            results = predictor.predict_waveforms(waveforms)
-        else:
-            results = [predictor.predict_waveform(w) for w in waveforms]
+            predictor.reset_speaker()
+            for waveform in waveforms:
+                predictor.adapt(waveform)
+        results = [predictor.predict_waveform(w) for w in waveforms]
         kept += indices
         probabilities += [[r["scores"][c] for c in predictor.classes] for r in results]
     if skipped:
@@ -278,8 +277,12 @@ def _log(cfg: DictConfig, tracking_uri: str, report: dict[str, Any], predictions
     }
     name = f"eval-{report['source_corpus']}-on-{report['corpus']}-{report['eval_split']}"
     with tracking.tracked_run(experiment_id, name, tags) as run:
-        tracking.log_params(tracking.flatten_config(cfg))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/eval.yaml")
+        # what was evaluated, on what (the logger group's registry keys mean nothing here)
+        logged = {"model_uri": cfg.get("model_uri"), "seed": cfg.get("seed"),
+                  **{key: OmegaConf.to_container(cfg[key], resolve=True)
+                     for key in ("eval", "data", "tags") if cfg.get(key) is not None}}
+        tracking.log_params(tracking.flatten_config(logged))
+        mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(logged)), "config/eval.yaml")
         mlflow.log_metrics({f"eval/{k}": v for k, v in report["metrics"].items()})
         tracking.log_confusion(np.asarray(report["confusion"]), classes, "eval",
                                f"{report['source_corpus']} model on {report['corpus']} "

@@ -12,6 +12,7 @@ Everything is checked before any audio is read, and each problem is a named
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -72,17 +73,24 @@ class SpeakerInSeveralSplitsError(TableError):
 
 
 def _load(path: Path) -> pd.DataFrame:
+    """The table's cells; header names stripped and lower-cased (``Path`` -> ``path``)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        if path.stat().st_size == 0:
+        text = path.read_text(encoding="utf-8-sig")
+        if not text.strip():
             return pd.DataFrame()
-        frame = pd.read_json(path, lines=True, dtype=False)
-        return frame.astype(object).where(frame.notna(), None)
-    try:  # every cell as text: ids such as "0012" and speakers "03" keep their zeros
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
-                           keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
+        # JSON lines, or (.json) one array of records
+        lines = not (suffix == ".json" and text.lstrip().startswith("["))
+        frame = pd.read_json(io.StringIO(text), lines=lines, dtype=False)
+        frame = frame.astype(object).where(frame.notna(), None)
+    else:
+        try:  # every cell as text: ids such as "0012" and speakers "03" keep their zeros
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                                keep_default_na=False, encoding="utf-8-sig")
+        except pd.errors.EmptyDataError:
+            return pd.DataFrame()
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    return frame
 
 
 def _text(values: pd.Series) -> pd.Series:
