@@ -83,11 +83,20 @@ def bench_argv(corpus: str, root: str | None, protocol: str, model: str, feature
 
 
 def result_name(corpus: str, protocol: str, model: str, feature: str,
-                normalization: str = "global") -> str:
+                normalization: str = "global", recipe: str | None = None) -> str:
     name = f"accuracy-{corpus}-{protocol}-{model}"
     if MODEL_FEATURES.get(model) != feature:
         name += f"-{feature}"
+    if recipe:
+        name += f"-recipe-{recipe}"
     return name if normalization == "global" else f"{name}-{normalization}-norm"
+
+
+def recipe_of(overrides: list[str]) -> str | None:
+    """The ``experiment=<recipe>`` among the user's overrides, if any."""
+    found = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in
+             ("experiment", "+experiment")]
+    return found[-1] if found else None
 
 
 def run_settings(overrides: list[str]) -> dict[str, str]:
@@ -193,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int,
                         help="CPU threads for training (OMP_NUM_THREADS; default: PyTorch's)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--label", help="what this run changes (ablations: the lever), stored "
+                        "in the result and shown by report.py")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the train.py commands and exit")
     parser.add_argument("overrides", nargs="*",
@@ -213,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for protocol in args.protocols:
         for model, feature in specs:
             bench_id = uuid.uuid4().hex[:12]
+            # a recipe sets its own model and feature: name them only when asked for
             overrides = train_overrides(args.corpus, args.root, protocol, model, feature,
                                         bench_id, args.overrides)
             command = command_line("train.py", overrides)
@@ -248,10 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mb": peak,
                 "tracking_uri": settings["tracking_uri"],
                 "normalization": settings["normalization"],
+                "recipe": recipe_of(args.overrides),
+                "label": args.label,
                 **accuracy_result(read_cross_validation(settings["tracking_uri"],
                                                         settings["experiment"], bench_id)),
             }
-            name = result_name(args.corpus, protocol, model, feature, settings["normalization"])
+            name = result_name(args.corpus, protocol, model, feature, settings["normalization"],
+                               recipe_of(args.overrides))
             path = write_result(result, name, args.results_dir)
             print(f"wrote {path}", flush=True)
             results.append(result)

@@ -238,7 +238,7 @@ def test_readme_without_markers_is_refused():
 
 def test_report_lists_each_accuracy_line_with_the_command_that_reproduces_it():
     block = report.render([{**accuracy_result(), "source": "a.json"}], "cnn_blstm_attn")
-    assert "| 1 | emodb  | loso     | cnn_blstm_attn | logmel  | 10/10 | 0.700 ± 0.050 |" in block
+    assert "| 1 | emodb  | loso     |      - | cnn_blstm_attn | logmel  | 10/10 | 0.700 ± 0.050 |" in block
     assert "1. `python bench/accuracy.py --protocols loso --models cnn_blstm_attn`" in block
     assert "bench_id" not in block
 
