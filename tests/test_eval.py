@@ -146,6 +146,9 @@ def test_same_corpus_eval_of_the_test_split_names_the_split_and_its_speakers(pro
     assert report["evaluation"] == "same-corpus" and report["eval_split"] == "test"
     assert report["metrics"]["utterances"] == 16  # the one test speaker x 4 classes x 4
     assert report["test_speakers"] == source.data.tags["test_speakers"].split(",")
+    # the packaged model through the Predictor scores the test split as training's test did
+    for name in ("uar", "wa", "f1"):
+        assert report["metrics"][name] == pytest.approx(source.data.metrics[f"test/{name}"])
     run = client.get_run(report["run_id"])
     assert run.data.tags["evaluation"] == "same-corpus"
     assert run.data.tags["speaker_independent"] == "true"
