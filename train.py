@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from ser_pipeline.training import run
+    from ser_pipeline.train_command import run
 
     return run(cfg)
 

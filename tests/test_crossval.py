@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from ser_pipeline import tracking
 from ser_pipeline.crossval import fold_config, summarise_folds
 from ser_pipeline.splits import count_folds, make_split
 from tests.e2e import FAST, REPO, project_env, run_script, store_uri
@@ -36,7 +40,7 @@ def test_fold_summary_is_mean_and_sample_std():
     summary = summarise_folds(folds)
     assert summary["mean"]["uar"] == pytest.approx(0.6)
     assert summary["std"]["uar"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert summarise_folds(folds[:1])["std"]["f1"] == 0.0
+    assert math.isnan(summarise_folds(folds[:1])["std"]["f1"])  # one fold: no spread to tell
 
 
 def test_emodb_leave_two_speakers_out_has_five_mixed_gender_folds():
@@ -159,26 +163,97 @@ def test_a_failing_fold_stops_the_workers_and_fails_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_every_worker_and_marks_the_runs_killed(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *FAST, "data.fold=all", "data.split=group_kfold",
-         "data.n_folds=3", "logger.mlflow.log_model=false", "cv.workers=2",
-         "trainer.max_epochs=400", "callbacks.early_stopping.patience=400"],
-        cwd=tmp_path, env=project_env(tmp_path), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while len(list(tmp_path.glob("outputs/**/fold*/checkpoints/last.ckpt"))) < 2:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "the two workers wrote no checkpoints"
-        time.sleep(0.2)  # polling for both workers' first checkpoint
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=180)
-    assert process.returncode != 0
-    client = MlflowClient(tracking_uri=store_uri(tmp_path))
+def test_parent_and_fold_runs_carry_the_code_checkouts_commit(cross_validated):
+    """The project root (``SER_PIPELINE_ROOT``, here a temp folder) is not the code's checkout:
+    every run names the commit of the package it ran, parent and children alike."""
+    _, _, _, parent, folds = cross_validated
+    [commit] = {run.data.tags["git_commit"] for run in [parent, *folds]}
+    assert len(commit) == 40 and int(commit, 16) >= 0  # a real sha, not "unknown"
+    assert commit == tracking.code_version()["git_commit"] or commit in subprocess.run(
+        ["git", "log", "--format=%H", "-50"], cwd=REPO, capture_output=True, text=True,
+        check=True).stdout  # the checkout's commit then (others may have committed since)
+
+
+#: a parallel cross-validation that trains until it is stopped
+ENDLESS_CV = [*FAST, "data.fold=all", "data.split=group_kfold", "data.n_folds=3",
+              "logger.mlflow.log_model=false", "cv.workers=2", "trainer.max_epochs=400",
+              "callbacks.early_stopping.patience=400"]
+
+
+def start_train(root: Path, overrides: list[str]) -> subprocess.Popen:
+    """``train.py`` in its own process group (as a shell starts a job), its console (the
+    workers' logs on stderr, the parent's through Hydra on stdout) as one stream."""
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides], cwd=root,
+                            env=project_env(root), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_line(process: subprocess.Popen, text: str) -> None:
+    """Read ``process``'s console until a line contains ``text`` (the event to act on)."""
+    seen = []
+    for line in process.stdout:
+        if text in line:
+            return
+        seen.append(line)
+    raise AssertionError(f"'{text}' never appeared:\n" + "".join(seen[-40:]))
+
+
+def stop_and_collect_runs(process: subprocess.Popen, root: Path, sig: signal.Signals,
+                          whole_group: bool) -> tuple[Any, list[Any]]:
+    """Send ``sig`` (to the process, or to its group as Ctrl-C does), wait, read the store."""
+    if whole_group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
+    console, _ = process.communicate(timeout=300)
+    assert process.returncode != 0, console[-3000:]
+    client = MlflowClient(tracking_uri=store_uri(root))
     experiment = client.get_experiment_by_name("ser-pipeline")
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("cross_validation") == "true")
     folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert not [r for r in runs if r.info.status == "RUNNING"], console[-3000:]
+    return parent, folds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "whole_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM-to-the-parent", "SIGINT-to-the-group-as-Ctrl-C"])
+def test_a_signal_stops_every_worker_and_marks_the_runs_killed(tmp_path, sig, whole_group):
+    process = start_train(tmp_path, ENDLESS_CV)
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("outputs/**/fold*/checkpoints/last.ckpt"))) < 2:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the two workers wrote no checkpoints"
+        time.sleep(0.2)  # polling for both workers' first checkpoint (a file, no event)
+    parent, folds = stop_and_collect_runs(process, tmp_path, sig, whole_group)
     assert parent.info.status == "KILLED"
     assert len(folds) == 2 and all(run.info.status == "KILLED" for run in folds)
     assert len(list(tmp_path.glob("outputs/**/fold*/checkpoints/interrupted.ckpt"))) == 2
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_folds_start_up_leaves_no_run_unfinished(tmp_path):
+    """SIGTERM as the first fold starts (its data is ready, no run or checkpoint yet): the
+    workers, still importing or setting up, record it; nothing trains on, nothing stays RUNNING."""
+    process = start_train(tmp_path, ENDLESS_CV)
+    wait_for_line(process, "[ser_pipeline.training] - data: ")
+    parent, folds = stop_and_collect_runs(process, tmp_path, signal.SIGTERM, False)
+    assert parent.info.status == "KILLED"
+    assert all(run.info.status == "KILLED" for run in folds)
+    assert not list(tmp_path.glob("outputs/**/fold*/checkpoints/epoch*.ckpt"))  # none trained on
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_parents_final_logging_keeps_the_complete_run(tmp_path):
+    """After the last fold the parent logs the summary; a signal then waits for it to be
+    logged (the run is complete: FINISHED) and stops the command afterwards."""
+    process = start_train(tmp_path, [*FAST, "data.fold=all", "data.split=group_kfold",
+                                     "data.n_folds=3", "logger.mlflow.log_model=false"])
+    wait_for_line(process, "fold 3/3 (test ")  # logged just before the summary
+    parent, folds = stop_and_collect_runs(process, tmp_path, signal.SIGTERM, False)
+    assert parent.info.status == "FINISHED" and parent.data.tags["cv_complete"] == "true"
+    assert parent.data.metrics["cv/folds_run"] == 3 and "cv/uar_mean" in parent.data.metrics
+    client = MlflowClient(tracking_uri=store_uri(tmp_path))
+    assert "cv/summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
+    assert len(folds) == 3 and all(run.info.status == "FINISHED" for run in folds)

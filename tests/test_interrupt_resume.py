@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ser_pipeline.callbacks import StopOnSignal, TerminationRequested
+from ser_pipeline.callbacks import (
+    StopOnSignal,
+    TerminationRequested,
+    release_held_signals,
+    signals_held,
+)
 from tests.e2e import FAST, REPO, project_env, run_script, store_uri
 
 pytestmark = pytest.mark.slow
@@ -39,6 +47,51 @@ def test_no_signal_means_no_stop():
         stop.check()
         stop.on_train_batch_start(None, None, None, 0)
     assert stop.received is None
+
+
+def test_nested_use_keeps_a_received_signal_and_restores_the_handlers():
+    """A worker holds one StopOnSignal for its life and hands it to each fold's ``train``."""
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopOnSignal()
+    with stop:
+        with stop:
+            signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) == stop._handle  # the outer level still holds
+        with pytest.raises(TerminationRequested):
+            stop.check()  # ...and remembers what the inner level received
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_requested_by_another_process_stops_at_the_next_check():
+    requested = multiprocessing.get_context("spawn").Event()
+    with StopOnSignal(requested=requested) as stop:
+        stop.check()
+        requested.set()
+        with pytest.raises(TerminationRequested, match="stop requested"):
+            stop.on_train_batch_start(None, None, None, 0)
+
+
+def _report_signals_after_start_up(report: Any, signalled: Any) -> None:
+    """A spawned child that, like a cross-validation worker, installs its handler late."""
+    report.put("started")
+    signalled.wait(120)  # the signal came while this process had no handler (still importing)
+    with StopOnSignal() as stop:
+        release_held_signals()
+        report.put(stop.received)
+
+
+def test_a_signal_sent_to_a_starting_worker_is_held_not_fatal():
+    context = multiprocessing.get_context("spawn")
+    report, signalled = context.Queue(), context.Event()
+    with signals_held():
+        child = context.Process(target=_report_signals_after_start_up, args=(report, signalled))
+        child.start()
+    assert report.get(timeout=120) == "started"
+    os.kill(child.pid, signal.SIGTERM)  # before it has a handler: the default would kill it
+    signalled.set()
+    assert report.get(timeout=120) == signal.SIGTERM
+    child.join(timeout=120)
+    assert child.exitcode == 0
 
 
 def runs_of(root: Path):

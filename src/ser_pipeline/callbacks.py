@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -63,24 +66,37 @@ class StopOnSignal(pl.Callback):
     :class:`TerminationRequested`, which Lightning handles like Ctrl-C (``on_exception``
     writes ``interrupted.ckpt``, loggers are finalised), and outside Lightning :meth:`check`
     raises it between steps. A second signal raises at once, for a stuck step.
+
+    ``requested`` (anything with ``is_set()``, e.g. a ``multiprocessing.Event``) is a stop
+    asked for by another process: a cross-validation worker is told to stop through it (a
+    signal after it is still only recorded: Ctrl-C reaches the parent and its workers at
+    once, and the parent's request must not turn the workers' copy into an immediate
+    raise). The context manager nests (a worker holds one
+    for its whole life and hands it to every fold's ``train``): each level installs the
+    handlers and restores what it found, and what was received stays received.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, requested: Any | None = None) -> None:
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
+        self.requested = requested
+        self._previous: list[dict[int, object]] = []
 
     def __enter__(self) -> StopOnSignal:
+        handlers = {}
         if threading.current_thread() is threading.main_thread():  # handlers: main thread only
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+            handlers = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._previous.append(handlers)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        for sig, handler in self._previous.items():
+        for sig, handler in self._previous.pop().items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous = {}
+
+    def _stop_requested(self) -> bool:
+        return self.requested is not None and self.requested.is_set()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -91,9 +107,11 @@ class StopOnSignal(pl.Callback):
                     "at once)", name)
 
     def check(self) -> None:
-        """Raise :class:`TerminationRequested` if a signal came in."""
+        """Raise :class:`TerminationRequested` if a signal came in or a stop was requested."""
         if self.received is not None:
             raise TerminationRequested(f"{signal.Signals(self.received).name} received")
+        if self._stop_requested():
+            raise TerminationRequested("stop requested by the parent process")
 
     def on_train_batch_start(self, *args: object, **kwargs: object) -> None:
         self.check()
@@ -103,3 +121,28 @@ class StopOnSignal(pl.Callback):
 
     def on_test_batch_start(self, *args: object, **kwargs: object) -> None:
         self.check()
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM pending (never lost) here and in every process started meanwhile.
+
+    Why: a spawned worker inherits the blocked signal mask, so a signal sent to it while it
+    is still importing or unpickling its arguments waits until it has installed its own
+    handler (:func:`release_held_signals`) instead of killing it by the default action with
+    its MLflow run unfinished. Pending signals of this process are delivered on exit.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopOnSignal.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def release_held_signals() -> None:
+    """Deliver SIGINT / SIGTERM held since :func:`signals_held` (call with a handler in place)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, StopOnSignal.SIGNALS)

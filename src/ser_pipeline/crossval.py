@@ -15,6 +15,15 @@ not candidates for the model registry.
 ``cv.workers=N`` trains N folds at a time, each in its own process with
 ``threads / N`` threads (on 2 cores, two 1-thread folds beat one 2-thread fold by far).
 Every fold seeds itself, so the folds' results are those of the sequential run.
+
+Ctrl-C / SIGTERM: the parent holds the signal (:class:`StopOnSignal`) for the whole
+cross-validation and tells its workers to stop through a shared event, never by signalling
+them; a worker starts with SIGINT / SIGTERM held pending until its own handler is in place,
+so a signal at any moment (while it imports, between folds, as a fold starts) is recorded,
+never fatal. A fold that has a run ends it KILLED at the next batch boundary (with
+``interrupted.ckpt`` once training began), the parent ends KILLED, and a fold run a dead
+worker left RUNNING is marked KILLED by the parent. A signal during the parent's final
+logging waits until the summary is logged (the run is complete, FINISHED), then stops.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import copy
 import logging
 import multiprocessing
 import queue
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +47,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ser_pipeline import tracking
-from ser_pipeline.callbacks import StopOnSignal
+from ser_pipeline.callbacks import (
+    StopOnSignal,
+    TerminationRequested,
+    release_held_signals,
+    signals_held,
+)
 from ser_pipeline.data import SERDataModule
-from ser_pipeline.splits import count_folds
+from ser_pipeline.metrics import summarise_folds as summarise_metrics
+from ser_pipeline.splits import Split, count_folds, make_split
+from ser_pipeline.training import train
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +86,17 @@ def fold_config(cfg: DictConfig, fold: int, output_dir: Path) -> DictConfig:
 
 
 def summarise_folds(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and sample standard deviation (ddof=1; 0 for one fold) of each fold metric."""
-    mean, std = {}, {}
-    for name in FOLD_METRICS:
-        values = np.array([fold[name] for fold in folds], dtype=float)
-        mean[name] = float(values.mean())
-        std[name] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std}
+    """Mean and sample standard deviation (ddof=1; NaN for one fold) of each fold metric."""
+    return summarise_metrics(folds, FOLD_METRICS)
+
+
+def fold_splits(cfg: DictConfig, manifest: pd.DataFrame) -> list[Split]:
+    """Every fold's split, as each fold's data module will make it (class selection included)."""
+    probe = _datamodule(cfg, manifest)
+    selected = probe.load_manifest()
+    options = {**probe.split_options}
+    n_folds = count_folds(selected, options["protocol"], options["group_by"], options["n_folds"])
+    return [make_split(selected, **{**options, "fold": fold}) for fold in range(n_folds)]
 
 
 def cross_validate(
@@ -93,60 +114,54 @@ def cross_validate(
     ``parent_run_id`` nests the cross-validation run (an Optuna trial, say) and
     ``stop_after_fold`` may end it early (``complete`` is then False).
     """
-    from ser_pipeline.training import setup_tracking, sweep_tags
-
     if not cfg.get("test", True):
         raise ValueError("cross-validation needs test=true: it aggregates each fold's test metrics")
-    experiment_id = setup_tracking(cfg)
+    # held from here to the end: no moment at which a signal kills this process by default
+    # with the parent run (or a fold's) left RUNNING
+    with StopOnSignal() as stop:
+        summary = _cross_validate(cfg, stop, parent_run_id, fold_callbacks, stop_after_fold,
+                                  extra_tags)
+        print(format_summary(summary), flush=True)
+        stop.check()  # a signal during the final logging: the complete run is kept, then stop
+    return summary
+
+
+def _cross_validate(cfg: DictConfig, stop: StopOnSignal, parent_run_id: str | None,
+                    fold_callbacks: FoldCallbacks | None, stop_after_fold: StopAfterFold | None,
+                    extra_tags: dict[str, str] | None) -> dict[str, Any]:
+    experiment_id = tracking.setup_tracking(cfg)
     reader = instantiate(cfg.data.reader)
     manifest = reader(cfg.data.root)
-    # class selection and label merging as each fold will see them, to count its folds
-    selected = _datamodule(cfg, manifest).load_manifest()
-    protocol = str(cfg.data.split)
-    n_folds = count_folds(selected, protocol, cfg.data.group_by, cfg.data.n_folds)
+    splits = fold_splits(cfg, manifest)
+    n_folds, protocol = len(splits), splits[0].protocol
     output_dir = Path(cfg.paths.output_dir)
-    speaker_independent = protocol != "random"
-    if not speaker_independent:
+    if not all(split.speaker_independent for split in splits):
         log.warning("cross-validating the SPEAKER-DEPENDENT split '%s'", protocol)
     log.info("cross-validation: %d folds of '%s' on %s", n_folds, protocol, cfg.data.name)
-
-    tags = {
-        **tracking.git_state(Path(cfg.paths.root_dir).resolve()),
-        "corpus": str(cfg.data.name),
-        "model": str(cfg.model.name),
-        "cross_validation": "true",
-        "protocol": protocol,
-        "split_protocol": protocol,
-        "speaker_independent": str(speaker_independent).lower(),
-        "n_folds": str(n_folds),
-        **sweep_tags(),
-        **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
-        **(extra_tags or {}),
-    }
+    stop.check()
     if experiment_id is None:
-        summary = _run_folds(cfg, manifest, n_folds, output_dir, None, fold_callbacks,
-                             stop_after_fold)
-    else:
-        run_name = f"{cfg.model.name}-{cfg.data.name}-cv{n_folds}"
-        with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
-            tracking.log_params(tracking.flatten_config(cfg))
-            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
-            summary = _run_folds(cfg, manifest, n_folds, output_dir, run.info.run_id,
-                                 fold_callbacks, stop_after_fold)
-            _log_summary(summary)
-    print(format_summary(summary), flush=True)
+        return _run_folds(cfg, manifest, n_folds, output_dir, None, stop, fold_callbacks,
+                          stop_after_fold)
+    tags = tracking.run_tags(cfg, splits, {"cross_validation": "true", "protocol": protocol,
+                                           **(extra_tags or {})})
+    run_name = f"{cfg.model.name}-{cfg.data.name}-cv{n_folds}"
+    with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
+        tracking.log_params(tracking.flatten_config(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
+        summary = _run_folds(cfg, manifest, n_folds, output_dir, run.info.run_id, stop,
+                             fold_callbacks, stop_after_fold)
+        _log_summary(summary)
     return summary
 
 
 def _train_fold(cfg: DictConfig, fold: int, output_dir: Path, manifest: pd.DataFrame,
-                run_id: str | None, callbacks: list[pl.Callback] | None) -> dict[str, Any]:
+                run_id: str | None, callbacks: list[pl.Callback] | None,
+                stop: StopOnSignal) -> dict[str, Any]:
     """Train and test one fold: its summary row, test confusion counts and class names."""
-    from ser_pipeline.training import train
-
     fold_cfg = fold_config(cfg, fold, output_dir)
     datamodule = _datamodule(fold_cfg, manifest)
     result = train(fold_cfg, parent_run_id=run_id, datamodule=datamodule,
-                   extra_callbacks=callbacks, extra_tags={"cv_fold": str(fold)})
+                   extra_callbacks=callbacks, extra_tags={"cv_fold": str(fold)}, stop=stop)
     test = result["test"]
     return {"row": {"fold": fold, "run_id": result.get("run_id"),
                     "test_speakers": list(datamodule.split.test_speakers),
@@ -157,7 +172,7 @@ def _train_fold(cfg: DictConfig, fold: int, output_dir: Path, manifest: pd.DataF
 
 
 def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
-               run_id: str | None, fold_callbacks: FoldCallbacks | None,
+               run_id: str | None, stop: StopOnSignal, fold_callbacks: FoldCallbacks | None,
                stop_after_fold: StopAfterFold | None) -> dict[str, Any]:
     workers = min(int(OmegaConf.select(cfg, "cv.workers", default=1) or 1), n_folds)
     if workers > 1 and (fold_callbacks or stop_after_fold):
@@ -166,10 +181,11 @@ def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir
                     "ends (e.g. to a tuning trial), so its folds run one after another", workers)
         workers = 1
     if workers > 1:
-        trained = iter(_parallel_folds(cfg, manifest, n_folds, output_dir, run_id, workers))
+        trained = iter(_parallel_folds(cfg, manifest, n_folds, output_dir, run_id, workers,
+                                       stop))
     else:
         trained = (_train_fold(cfg, fold, output_dir, manifest, run_id,
-                               fold_callbacks(fold) if fold_callbacks else None)
+                               fold_callbacks(fold) if fold_callbacks else None, stop)
                    for fold in range(n_folds))
     folds: list[dict[str, Any]] = []
     confusion: np.ndarray | None = None
@@ -192,7 +208,7 @@ def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir
 
 
 def _parallel_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
-                    run_id: str | None, workers: int) -> list[dict[str, Any]]:
+                    run_id: str | None, workers: int, stop: StopOnSignal) -> list[dict[str, Any]]:
     """Every fold's result (in fold order), trained by ``workers`` processes.
 
     Why not ``concurrent.futures``: on Ctrl-C / SIGTERM the workers must be told to stop
@@ -202,6 +218,7 @@ def _parallel_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, outpu
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch/MLflow
     jobs: Any = context.Queue()
     results: Any = context.Queue()
+    stop_workers = context.Event()
     for fold in range(n_folds):
         jobs.put(fold)
     for _ in range(workers):
@@ -213,54 +230,82 @@ def _parallel_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, outpu
     resolved["paths"] = OmegaConf.to_container(cfg.paths, resolve=True)
     processes = [context.Process(
         target=_fold_worker, name=f"cv-worker-{i}",
-        args=(resolved, manifest, str(output_dir), run_id, threads, jobs, results))
+        args=(resolved, manifest, str(output_dir), run_id, threads, jobs, results, stop_workers))
         for i in range(workers)]
     log.info("cross-validation: %d worker processes, %d thread(s) each", workers, threads)
-    for process in processes:
-        process.start()
     done: dict[int, dict[str, Any]] = {}
     try:
-        with StopOnSignal() as stop:
-            while len(done) < n_folds:
-                stop.check()
-                try:
-                    fold, outcome = results.get(timeout=0.5)
-                except queue.Empty:
-                    if not any(p.is_alive() for p in processes) and results.empty():
-                        raise RuntimeError("cross-validation workers exited before every fold "
-                                           f"was trained ({len(done)}/{n_folds} done)") from None
-                    continue
-                if isinstance(outcome, str):  # the worker's traceback
-                    raise RuntimeError(f"fold {fold} failed:\n{outcome}")
-                done[fold] = outcome
+        with signals_held():  # each worker starts with SIGINT / SIGTERM pending, not fatal
+            for process in processes:
+                process.start()
+        while len(done) < n_folds:
+            stop.check()
+            try:
+                fold, kind, outcome = results.get(timeout=0.5)
+            except queue.Empty:
+                if not any(p.is_alive() for p in processes) and results.empty():
+                    raise RuntimeError("cross-validation workers exited before every fold "
+                                       f"was trained ({len(done)}/{n_folds} done)") from None
+                continue
+            if kind == "interrupted":  # a signal reached the worker itself (e.g. its pid)
+                raise TerminationRequested(f"a cross-validation worker stopped: {outcome}")
+            if kind == "failed":
+                raise RuntimeError(f"fold {fold} failed:\n{outcome}")
+            done[fold] = outcome
     except BaseException:
-        for process in processes:  # SIGTERM: each fold stops at a batch boundary, KILLED
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            process.join(timeout=120)
-            if process.is_alive():
-                process.kill()
+        stop_workers.set()  # each fold stops at its next batch boundary, KILLED
+        _wait_for(processes)
+        if run_id is not None:
+            tracking.end_unfinished_children(run_id, "KILLED")
         raise
     for process in processes:
         process.join()
     return [done[fold] for fold in range(n_folds)]
 
 
+def _wait_for(processes: list[Any], grace_s: float = 300.0) -> None:
+    """Join workers that were told to stop; one still alive after ``grace_s`` is stuck inside
+    a step and is killed (the caller then ends the fold run it leaves RUNNING)."""
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            log.error("%s has not stopped after %.0f s: killing it", process.name, grace_s)
+            process.kill()
+            process.join()
+
+
 def _fold_worker(resolved: dict, manifest: pd.DataFrame, output_dir: str, run_id: str | None,
-                 threads: int, jobs: Any, results: Any) -> None:
-    """A worker process: train folds from ``jobs`` until told to stop; report to ``results``."""
-    logging.basicConfig(level=logging.INFO,
-                        format="[%(asctime)s][%(processName)s][%(name)s] - %(message)s")
-    torch.set_num_threads(threads)
-    cfg = OmegaConf.create(resolved)
-    while (fold := jobs.get()) is not None:
-        try:
-            results.put((fold, _train_fold(cfg, fold, Path(output_dir), manifest, run_id,
-                                           None)))
-        except Exception:
-            results.put((fold, traceback.format_exc()))
-            return
+                 threads: int, jobs: Any, results: Any, stop_workers: Any) -> None:
+    """A worker process: train folds from ``jobs`` until told to stop; report to ``results``.
+
+    Results are ``(fold, "done" | "failed" | "interrupted", summary | traceback | reason)``.
+    """
+    # SIGINT / SIGTERM have been held since this process was spawned (the parent's
+    # signals_held): from here on they are recorded, and delivered now if they came already
+    with StopOnSignal(requested=stop_workers) as stop:
+        release_held_signals()
+        logging.basicConfig(level=logging.INFO,
+                            format="[%(asctime)s][%(processName)s][%(name)s] - %(message)s")
+        torch.set_num_threads(threads)
+        cfg = OmegaConf.create(resolved)
+        while True:
+            try:
+                stop.check()  # between folds: do not start another
+            except TerminationRequested as stopped:
+                results.put((None, "interrupted", str(stopped)))
+                return
+            if (fold := jobs.get()) is None:
+                return
+            try:
+                results.put((fold, "done", _train_fold(cfg, fold, Path(output_dir), manifest,
+                                                       run_id, None, stop)))
+            except (KeyboardInterrupt, SystemExit) as stopped:  # its run ended KILLED
+                results.put((fold, "interrupted", repr(stopped)))
+                return
+            except Exception:
+                results.put((fold, "failed", traceback.format_exc()))
+                return
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

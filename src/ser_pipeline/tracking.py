@@ -15,17 +15,25 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from ser_pipeline.metrics import confusion_report
+from ser_pipeline.splits import Split
+
 log = logging.getLogger(__name__)
+
+#: the package's own folder: its checkout is the code's version, wherever the project root is
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -134,6 +142,69 @@ def git_state(root: str | Path) -> dict[str, str]:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
+def code_version() -> dict[str, str]:
+    """Git state of the checkout this package runs from (not of ``paths.root_dir``)."""
+    return git_state(PACKAGE_DIR)
+
+
+def sweep_tags() -> dict[str, str]:
+    """Tags that group the jobs of one Hydra multirun (empty for a single run)."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    return {"sweep_id": Path(hydra_cfg.sweep.dir).name, "sweep_dir": str(hydra_cfg.sweep.dir),
+            "sweep_job": str(hydra_cfg.job.num),
+            "sweep_overrides": ",".join(hydra_cfg.overrides.task)}
+
+
+def run_tags(cfg: DictConfig, split: Split | Sequence[Split] | None = None,
+             extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The tags every run carries: code version, corpus, and what its split promises.
+
+    ``split`` is a training run's fold (adds ``fold`` and ``test_speakers``) or every fold of
+    a cross-validation (its parent: speaker-independent only if every fold is); a study
+    parent has none. Speaker independence is always the :class:`Split`'s own flag, never
+    re-derived from the protocol's name. ``cfg.tags`` and ``extra`` come last.
+    """
+    tags = {**code_version(), "corpus": str(cfg.data.name)}
+    if split is not None:
+        folds = [split] if isinstance(split, Split) else list(split)
+        independent = all(fold.speaker_independent for fold in folds)
+        tags.update({
+            "model": str(cfg.model.name),
+            "split_protocol": folds[0].protocol,
+            "speaker_independent": str(independent).lower(),
+            "evaluation": ("speaker-independent" if independent
+                           else "SPEAKER-DEPENDENT (same speakers in train and test)"),
+            "normalization": str(cfg.data.get("normalization", "global")),
+            "n_folds": str(folds[0].n_folds),
+        })
+        if isinstance(split, Split):
+            tags.update(fold=str(split.fold), test_speakers=",".join(split.test_speakers))
+    return {**tags, **sweep_tags(), **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
+            **{str(k): str(v) for k, v in (extra or {}).items()}}
+
+
+def tracking_config(cfg: DictConfig) -> DictConfig | None:
+    """``cfg.logger.mlflow``, or None when the run is not tracked (``logger=none``)."""
+    return cfg.logger.get("mlflow") if cfg.get("logger") else None
+
+
+def setup_tracking(cfg: DictConfig) -> str | None:
+    """Point MLflow at the configured store (checked now, before any training); experiment id."""
+    mlflow_cfg = tracking_config(cfg)
+    if mlflow_cfg is None:
+        return None
+    mlruns = Path(cfg.paths.mlruns_dir)
+    uri = resolve_tracking_uri(mlflow_cfg.get("tracking_uri"), mlruns)
+    check_tracking_store(uri)
+    mlflow.set_tracking_uri(uri)
+    artifact_root = mlruns / "artifacts" if uri.startswith("sqlite:") else None
+    return get_or_create_experiment(mlflow_cfg.experiment_name, artifact_root)
+
+
 def flatten_config(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     """Nested config -> ``{"model.net.lstm_hidden": "128", ...}`` (MLflow params are strings)."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -186,22 +257,25 @@ def tracked_run(
             MlflowClient(mlflow.get_tracking_uri()).set_terminated(run.info.run_id, status)
 
 
+def end_unfinished_children(parent_run_id: str, status: str) -> list[str]:
+    """End every child run of ``parent_run_id`` still RUNNING with ``status``; their ids.
+
+    For a parent whose worker processes are gone: a worker killed mid-run (or one whose last
+    write to the store failed) cannot end its own run, and a run must never stay RUNNING.
+    """
+    tracking = MlflowClient(mlflow.get_tracking_uri())
+    experiment_id = tracking.get_run(parent_run_id).info.experiment_id
+    stale = tracking.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                         "and attributes.status = 'RUNNING'")
+    for run in stale:
+        log.warning("run %s was left RUNNING by its worker: marking it %s", run.info.run_id,
+                    status)
+        tracking.set_terminated(run.info.run_id, status)
+    return [run.info.run_id for run in stale]
+
+
 # -- figures and reports ------------------------------------------------------------------------
-
-def classification_report(confusion: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
-    """Per-class precision, recall, F1 and support from a confusion matrix (rows = truth)."""
-    confusion = np.asarray(confusion, dtype=float)
-    report = {}
-    for i, label in enumerate(labels):
-        true_pos = confusion[i, i]
-        predicted, support = confusion[:, i].sum(), confusion[i].sum()
-        precision = true_pos / predicted if predicted else 0.0
-        recall = true_pos / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        report[label] = {"precision": precision, "recall": recall, "f1": f1,
-                         "support": int(support)}
-    return report
-
 
 def confusion_figure(confusion: np.ndarray, labels: list[str], title: str):
     """Counts and row-normalised confusion matrices side by side (matplotlib Figure)."""
@@ -242,7 +316,7 @@ def log_confusion(confusion: np.ndarray, labels: list[str], name: str, title: st
     mlflow.log_figure(figure, f"confusion/{name}.png")
     plt.close(figure)
     mlflow.log_dict({"labels": labels, "counts": confusion.tolist(),
-                     "report": classification_report(confusion, labels)},
+                     "report": confusion_report(confusion, labels)},
                     f"confusion/{name}.json")
 
 

@@ -1,22 +1,22 @@
 """One training run: seed -> data -> model -> fit -> test best -> log -> package.
 
-``train.py`` (Hydra) calls :func:`run`, which trains one fold or, with
-``data.fold=all``, every fold as cross-validation (see ``crossval.py``).
+:func:`train` trains and tests one fold; ``crossval.py`` calls it for every fold and
+``experiment.run`` (behind ``train.py``) chooses between the two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -32,24 +32,13 @@ from ser_pipeline.callbacks import (
 from ser_pipeline.checkpoint_io import AtomicCheckpointIO
 from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS
 from ser_pipeline.data import SERDataModule
+from ser_pipeline.metrics import label_scores
 from ser_pipeline.module import SERModule
 
 log = logging.getLogger(__name__)
 
 #: written into a run's output folder so that a resumed checkpoint can name its original run
 RUN_MARKER = "mlflow_run.json"
-
-
-def sweep_tags() -> dict[str, str]:
-    """Tags that group the jobs of one Hydra multirun (empty for a single run)."""
-    if not HydraConfig.initialized():
-        return {}
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return {}
-    return {"sweep_id": Path(hydra_cfg.sweep.dir).name, "sweep_dir": str(hydra_cfg.sweep.dir),
-            "sweep_job": str(hydra_cfg.job.num),
-            "sweep_overrides": ",".join(hydra_cfg.overrides.task)}
 
 
 def build_datamodule(cfg: DictConfig) -> SERDataModule:
@@ -96,42 +85,6 @@ def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule,
     return module, kwargs
 
 
-def _run_tags(cfg: DictConfig, datamodule: SERDataModule, root: Path) -> dict[str, str]:
-    split = datamodule.split
-    return {
-        **tracking.git_state(Path(__file__).resolve().parent),  # the code's checkout
-        "corpus": datamodule.name,
-        "model": str(cfg.model.name),
-        "split_protocol": split.protocol,
-        "speaker_independent": str(split.speaker_independent).lower(),
-        "evaluation": ("speaker-independent" if split.speaker_independent
-                       else "SPEAKER-DEPENDENT (same speakers in train and test)"),
-        "normalization": datamodule.normalization,
-        "fold": str(split.fold),
-        "n_folds": str(split.n_folds),
-        "test_speakers": ",".join(split.test_speakers),
-        **sweep_tags(),
-        **{str(k): str(v) for k, v in (cfg.get("tags") or {}).items()},
-    }
-
-
-def _tracking_config(cfg: DictConfig) -> DictConfig | None:
-    return cfg.logger.get("mlflow") if cfg.get("logger") else None
-
-
-def setup_tracking(cfg: DictConfig) -> str | None:
-    """Point MLflow at the configured store (checked now, before any training); experiment id."""
-    mlflow_cfg = _tracking_config(cfg)
-    if mlflow_cfg is None:
-        return None
-    mlruns = Path(cfg.paths.mlruns_dir)
-    uri = tracking.resolve_tracking_uri(mlflow_cfg.get("tracking_uri"), mlruns)
-    tracking.check_tracking_store(uri)
-    mlflow.set_tracking_uri(uri)
-    artifact_root = mlruns / "artifacts" if uri.startswith("sqlite:") else None
-    return tracking.get_or_create_experiment(mlflow_cfg.experiment_name, artifact_root)
-
-
 def _resumed_from(ckpt_path: str | None) -> dict[str, str]:
     if not ckpt_path:
         return {}
@@ -144,19 +97,26 @@ def _resumed_from(ckpt_path: str | None) -> dict[str, str]:
 
 def train(cfg: DictConfig, parent_run_id: str | None = None,
           datamodule: SERDataModule | None = None, extra_callbacks: list | None = None,
-          extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+          extra_tags: dict[str, str] | None = None,
+          stop: StopOnSignal | None = None) -> dict[str, Any]:
     """Train and test one fold; returns the summary (run id, metrics, confusion, model dir).
 
     ``parent_run_id`` nests the MLflow run (cross-validation folds, Optuna trials);
-    ``extra_callbacks`` (e.g. an Optuna pruning callback) join the configured ones.
+    ``extra_callbacks`` (e.g. an Optuna pruning callback) join the configured ones;
+    ``stop`` is the caller's :class:`StopOnSignal` (a cross-validation worker's), so that a
+    signal or stop request that came before this fold started stops it before its run exists.
     """
     started = time.time()
-    root = Path(cfg.paths.root_dir).resolve()
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    experiment_id = setup_tracking(cfg)
+    experiment_id = tracking.setup_tracking(cfg)
     datamodule = datamodule or build_datamodule(cfg)
     datamodule.setup()
+    if cfg.model.get("kind") == "svm":  # the classic reference: no network, no Lightning
+        from ser_pipeline.classic import train_svm
+
+        return train_svm(cfg, datamodule, experiment_id, parent_run_id,
+                         tracking.run_tags(cfg, datamodule.split, extra_tags))
     module, kwargs = build_module(cfg, datamodule)
     summary = datamodule.summary()
     log.info("data: %s", json.dumps({k: (v if k not in ("train", "val", "test") else
@@ -177,17 +137,18 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
         for name, callback in cfg.callbacks.items():
             if "dirpath" in callback:
                 OmegaConf.update(cfg, f"callbacks.{name}.dirpath", str(checkpoint_dir))
-    stop = StopOnSignal()
+    stop = stop or StopOnSignal()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)), stop,
                   *(extra_callbacks or [])]
 
     with stop:
+        stop.check()  # stopped before this fold began: no run is started
         if experiment_id is None:
             return _fit_and_test(cfg, datamodule, module, callbacks, None, started, stop)
-        mlflow_cfg = _tracking_config(cfg)
-        tags = {**_run_tags(cfg, datamodule, root), **_resumed_from(cfg.get("ckpt_path")),
-                **(extra_tags or {})}
+        mlflow_cfg = tracking.tracking_config(cfg)
+        tags = tracking.run_tags(cfg, datamodule.split,
+                                 {**_resumed_from(cfg.get("ckpt_path")), **(extra_tags or {})})
         run_name = f"{cfg.model.name}-{datamodule.name}-fold{datamodule.split.fold}"
         with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -212,16 +173,24 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
     return result
 
 
+@contextlib.contextmanager
+def _sigterm_as_termination() -> Iterator[None]:
+    """Lightning's own SIGTERM stop (a ``SystemExit`` with no code, which would read as a clean
+    exit and mark the run FINISHED) as the :class:`TerminationRequested` the run ends KILLED on."""
+    try:
+        yield
+    except SIGTERMException as error:  # Lightning's SIGTERM flag, checked between batches
+        raise TerminationRequested("SIGTERM received") from error
+
+
 def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                   callbacks: list, logger: Any, started: float,
                   stop: StopOnSignal) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                       logger=logger if logger is not None else False,
                                       plugins=[AtomicCheckpointIO()])
-    try:
+    with _sigterm_as_termination():
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except SIGTERMException as error:  # Lightning's own SIGTERM flag, checked between batches
-        raise TerminationRequested("SIGTERM received") from error
     stop.check()  # a signal during the last epoch's end stops before testing
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -229,7 +198,8 @@ def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                               "best_val_uar": module.best_val_uar,
                               "epochs": trainer.current_epoch}
     if cfg.get("test", True):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        with _sigterm_as_termination():
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         stop.check()
         result["test"] = dict(module.test_results)
     result["train_seconds"] = time.time() - started
@@ -252,7 +222,7 @@ def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                                f"test, {protocol} (UAR {uar:.3f})")
         result["confusion"] = module.test_confusion.tolist()
     mlflow.log_metric("train_seconds", result["train_seconds"])
-    mlflow_cfg = _tracking_config(cfg)
+    mlflow_cfg = tracking.tracking_config(cfg)
     model_dir = output_dir / "model"
     save_model_dir(model_dir, module.net, kwargs, {
         "features": datamodule.extractor.config(),
@@ -301,15 +271,6 @@ def evaluate_with_tta(model_dir: Path, datamodule: SERDataModule, views: int) ->
     return label_scores(truth, predicted)
 
 
-def label_scores(truth: Any, predicted: Any) -> dict[str, float]:
-    """UAR, WA and macro-F1 of predicted labels (TTA evaluation, the SVM reference)."""
-    from sklearn.metrics import accuracy_score, f1_score, recall_score
-
-    return {"uar": float(recall_score(truth, predicted, average="macro", zero_division=0)),
-            "wa": float(accuracy_score(truth, predicted)),
-            "f1": float(f1_score(truth, predicted, average="macro", zero_division=0))}
-
-
 def print_summary(result: dict[str, Any]) -> None:
     test = result.get("test", {})
     lines = [f"run id:      {result.get('run_id') or '(not tracked)'}"]
@@ -321,17 +282,3 @@ def print_summary(result: dict[str, Any]) -> None:
         lines.append(f"model:       {result['registered']}")
     lines.append(f"time:        {result['train_seconds']:.1f} s")
     print("\n".join(["", "=== summary ===", *lines]), flush=True)
-
-
-def run(cfg: DictConfig) -> float:
-    """Entry point behind ``train.py``: returns the optimised metric (test or val UAR)."""
-    print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
-    if str(cfg.data.fold) == "all":
-        from ser_pipeline.crossval import cross_validate
-
-        return cross_validate(cfg)["mean"]["uar"]
-    result = train(cfg)
-    print_summary(result)
-    metric = cfg.get("optimized_metric", "test/uar")
-    stage, name = metric.split("/")
-    return float(result["test"][name] if stage == "test" else result["best_val_uar"])

@@ -575,8 +575,6 @@ def _progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, metric:
 
 def tune(cfg: DictConfig) -> float:
     """Entry point behind ``tune.py``: run this worker's trials; returns the best value."""
-    from ser_pipeline.training import setup_tracking
-
     settings = cfg.tune
     if settings.metric not in METRICS:
         raise ValueError(f"tune.metric must be one of {METRICS}, not '{settings.metric}'")
@@ -608,14 +606,13 @@ def tune(cfg: DictConfig) -> float:
     experiment_id, parent_run_id = None, None
     mlflow_cfg = cfg.logger.get("mlflow") if cfg.get("logger") else None
     if mlflow_cfg is not None:
-        experiment_id = setup_tracking(cfg)
-        parent_run_id = study_parent_run(experiment_id, study, label, {
+        experiment_id = tracking.setup_tracking(cfg)
+        parent_run_id = study_parent_run(experiment_id, study, label, tracking.run_tags(cfg, extra={
             "optuna_role": "study", "optuna_study": study.study_name, "optuna_storage": label,
             "optuna_metric": settings.metric, "optuna_sampler": str(settings.sampler),
             "optuna_pruner": str(settings.pruner),
             "optuna_search_space": json.dumps([p.describe() for p in params]),
-            "corpus": str(cfg.data.name), **tracking.git_state(Path(cfg.paths.root_dir).resolve()),
-        })
+        }))
     context = TuneContext(cfg, params, base_overrides, groups, output_dir, settings.metric,
                           experiment_id, parent_run_id)
 
