@@ -210,6 +210,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     same = source_corpus == str(cfg.data.name)
     evaluation = str(cfg.eval.get("evaluation") or "auto")
+    if evaluation not in ("auto", "same-corpus", "cross-corpus"):
+        raise ValueError(f"eval.evaluation must be auto, same-corpus or cross-corpus, not "
+                         f"{evaluation!r}")
     if evaluation == "auto":
         evaluation = "same-corpus" if same else "cross-corpus"
     part = selection["eval_split"]
