@@ -257,3 +257,16 @@ def test_a_signal_during_the_parents_final_logging_keeps_the_complete_run(tmp_pa
     client = MlflowClient(tracking_uri=store_uri(tmp_path))
     assert "cv/summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
     assert len(folds) == 3 and all(run.info.status == "FINISHED" for run in folds)
+
+
+@pytest.mark.slow
+def test_parent_logs_breakdowns_and_calibration_over_every_fold(cross_validated):
+    root, _, client, parent, folds = cross_validated
+    run_id = parent.info.run_id
+    names = {a.path for a in client.list_artifacts(run_id, "reports")}
+    assert "reports/test_over_folds_uar_by_speaker.json" in names
+    assert "reports/test_over_folds_reliability.png" in names
+    by_speaker = json.loads(Path(client.download_artifacts(
+        run_id, "reports/test_over_folds_uar_by_speaker.json", str(root))).read_text())
+    assert sorted(by_speaker) == ["spk00", "spk01", "spk02", "spk03"]  # every fold's tests
+    assert "test_over_folds/ece" in parent.data.metrics

@@ -134,3 +134,20 @@ def test_speaker_normalised_training_is_tagged_recorded_and_predicts(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert len(predicted.stdout.splitlines()) == 2
     assert "normalises features per speaker" in predicted.stderr
+
+
+def test_run_logs_per_speaker_per_gender_and_calibration_reports(trained):
+    root, _, client, runs = trained
+    run_id = runs[0].info.run_id
+    names = {a.path for a in client.list_artifacts(run_id, "reports")}
+    assert {"reports/test_uar_by_speaker.png", "reports/test_uar_by_speaker.json",
+            "reports/test_uar_by_gender.json", "reports/test_reliability.png",
+            "reports/test_reliability.json"} <= names
+    by_speaker = json.loads(Path(client.download_artifacts(
+        run_id, "reports/test_uar_by_speaker.json", str(root))).read_text())
+    test_speakers = runs[0].data.tags["test_speakers"].split(",")
+    assert sorted(by_speaker) == sorted(test_speakers)
+    only = by_speaker[test_speakers[0]]
+    # one test speaker: its UAR is the run's test UAR
+    assert only["uar"] == pytest.approx(runs[0].data.metrics["test/uar"], abs=1e-6)
+    assert 0.0 <= runs[0].data.metrics["test/ece"] <= 1.0

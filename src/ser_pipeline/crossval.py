@@ -56,7 +56,7 @@ from ser_pipeline.callbacks import (
 from ser_pipeline.data import SERDataModule
 from ser_pipeline.metrics import summarise_folds as summarise_metrics
 from ser_pipeline.splits import Split, count_folds, make_split
-from ser_pipeline.training import train
+from ser_pipeline.training import log_prediction_reports, train
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def _train_fold(cfg: DictConfig, fold: int, output_dir: Path, manifest: pd.DataF
                     "uar": test["uar"], "wa": test["wa"], "f1": test["f1"],
                     "val_uar": result["best_val_uar"], "epochs": result["epochs"]},
             "confusion": result["module"].test_confusion.tolist(),
-            "classes": list(datamodule.classes)}
+            "classes": list(datamodule.classes),
+            "predictions": result.get("predictions")}
 
 
 def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
@@ -190,9 +191,12 @@ def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir
     folds: list[dict[str, Any]] = []
     confusion: np.ndarray | None = None
     classes: list[str] = list(cfg.data.classes)
+    pooled: dict[str, list] = {}  # every fold's test predictions, for the summed-over reports
     for fold_result in trained:
         row, classes = fold_result["row"], fold_result["classes"]
         folds.append(row)
+        for key, values in (fold_result.get("predictions") or {}).items():
+            pooled.setdefault(key, []).extend(values)
         fold_confusion = np.asarray(fold_result["confusion"], dtype=np.int64)
         confusion = fold_confusion if confusion is None else confusion + fold_confusion
         log.info("fold %d/%d (test %s): UAR %.4f  WA %.4f  F1 %.4f", row["fold"] + 1, n_folds,
@@ -204,7 +208,8 @@ def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir
             break
     return {"run_id": run_id, "protocol": str(cfg.data.split), "n_folds": n_folds,
             "classes": classes, "complete": len(folds) == n_folds, "folds": folds,
-            **summarise_folds(folds), "confusion": confusion.tolist()}
+            **summarise_folds(folds), "confusion": confusion.tolist(),
+            "predictions": pooled or None}
 
 
 def _parallel_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
@@ -322,6 +327,8 @@ def _log_summary(summary: dict[str, Any]) -> None:
         f"(UAR {mean['uar']:.3f} ± {std['uar']:.3f})")
     mlflow.log_dict({k: summary[k] for k in ("protocol", "n_folds", "complete", "folds",
                                              "mean", "std")}, "cv/summary.json")
+    if summary.get("predictions"):  # per speaker / gender and calibration over every fold
+        log_prediction_reports(summary["predictions"], summary["classes"], "test_over_folds")
 
 
 def format_summary(summary: dict[str, Any]) -> str:

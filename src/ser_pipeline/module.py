@@ -133,6 +133,12 @@ class SERModule(pl.LightningModule):
         self.best_val_confusion: torch.Tensor | None = None
         self.test_confusion: torch.Tensor | None = None
         self.test_results: dict[str, float] = {}
+        # class probabilities of the last test, in loader order (breakdown and calibration
+        # reports): ``(n_test, n_classes)``, with the utterance ids beside them
+        self._test_probabilities: list[torch.Tensor] = []
+        self._test_ids: list[str] = []
+        self.test_probabilities: torch.Tensor | None = None
+        self.test_ids: list[str] = []
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(features, lengths)
@@ -177,6 +183,8 @@ class SERModule(pl.LightningModule):
                          batch_size=size)
         self.metrics[f"{stage}_metrics"].update(outputs, batch)
         if stage == "test":
+            self._test_probabilities.append(outputs["emotion"].detach().softmax(-1).cpu())
+            self._test_ids += list(batch["ids"])
             self._test_outputs.append((outputs["emotion"].argmax(-1).cpu(),
                                        batch["emotion"].cpu(), batch["domain"].cpu()))
         return losses["total"]
@@ -236,6 +244,10 @@ class SERModule(pl.LightningModule):
                 self.log(f"test/{key}", value)
             self._test_outputs = []
             self.test_confusion, self.test_results = confusion, named
+            if self._test_probabilities:
+                self.test_probabilities = torch.cat(self._test_probabilities)
+                self.test_ids = self._test_ids
+            self._test_probabilities, self._test_ids = [], []
         return named
 
     def on_train_epoch_end(self) -> None:

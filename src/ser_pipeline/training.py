@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ser_pipeline import tracking
+from ser_pipeline import reports, tracking
 from ser_pipeline.artifact import save_model_dir
 from ser_pipeline.callbacks import (
     CheckpointOnInterrupt,
@@ -207,6 +208,25 @@ def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
     return result
 
 
+def test_predictions(datamodule: SERDataModule, module: SERModule) -> dict[str, list]:
+    """The last test's utterances: truth, prediction, probabilities, speaker, gender (lists)."""
+    rows = datamodule.datasets["test"].rows.set_index("id").loc[module.test_ids]
+    probabilities = module.test_probabilities.numpy()
+    classes = datamodule.classes
+    return {"truth": rows["emotion"].tolist(),
+            "predicted": [classes[i] for i in probabilities.argmax(1)],
+            "probabilities": probabilities.tolist(),
+            "speakers": rows["speaker"].astype(str).tolist(),
+            "genders": rows["gender"].fillna("unknown").astype(str).tolist()}
+
+
+def log_prediction_reports(predictions: dict[str, list], classes: list[str], name: str) -> None:
+    """UAR per speaker and gender, reliability diagram and ECE of ``predictions`` (MLflow)."""
+    reports.log_test_reports(predictions["truth"], predictions["predicted"],
+                             np.asarray(predictions["probabilities"]), classes,
+                             predictions["speakers"], predictions["genders"], name=name)
+
+
 def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                  kwargs: dict, result: dict[str, Any], output_dir: Path) -> None:
     """Confusion matrices, per-class report, the model artifact and its registration."""
@@ -221,6 +241,9 @@ def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
         tracking.log_confusion(module.test_confusion.numpy(), classes, "test",
                                f"test, {protocol} (UAR {uar:.3f})")
         result["confusion"] = module.test_confusion.tolist()
+    if getattr(module, "test_probabilities", None) is not None:
+        result["predictions"] = test_predictions(datamodule, module)
+        log_prediction_reports(result["predictions"], classes, "test")
     mlflow.log_metric("train_seconds", result["train_seconds"])
     mlflow_cfg = tracking.tracking_config(cfg)
     model_dir = output_dir / "model"
