@@ -41,8 +41,9 @@ def gained(wave: torch.Tensor, db: float) -> torch.Tensor:
     return wave * 10.0 ** (db / 20.0)
 
 
-@pytest.fixture(scope="module")
-def utterance_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["utterance", "level"])
+def utterance_model_dir(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model normalising per utterance (``utterance`` or ``level``)."""
     torch.manual_seed(0)
     extractor = LogMelFeatures(sample_rate=16000, n_mels=16)
     kwargs = {"in_channels": 1, "n_features": 16, "n_emotions": len(DEFAULT_EMOTIONS),
@@ -52,17 +53,19 @@ def utterance_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model_dir(tmp_path_factory.mktemp("utterance_model"), net, kwargs, {
         "features": extractor.config(), "classes": list(DEFAULT_EMOTIONS),
         "genders": ["female", "male"], "dimensions": ["valence", "arousal", "dominance"],
-        "has_gender": True, "has_dimensions": False, "normalization": "utterance",
+        "has_gender": True, "has_dimensions": False, "normalization": request.param,
         "info": {"note": "untrained test model"},
-    }, FeatureStats(torch.zeros(1, 16, 1), torch.ones(1, 16, 1)))
+    }, FeatureStats(torch.full((1, 16, 1), 0.5), torch.full((1, 16, 1), 2.0)))
 
 
-def test_utterance_normalised_log_mels_do_not_depend_on_the_gain():
+@pytest.mark.parametrize("mode", ["utterance", "level"])
+def test_utterance_normalised_log_mels_do_not_depend_on_the_gain(mode):
     extractor = LogMelFeatures(sample_rate=16000, n_mels=32)
     for wave in speech_like(4):
-        reference = normalise_utterances([extractor(wave)], "utterance", None)[0]
+        stats = FeatureStats(torch.zeros(1, 32, 1), torch.full((1, 32, 1), 10.0))
+        reference = normalise_utterances([extractor(wave)], mode, stats)[0]
         for db in GAINS_DB:
-            features = normalise_utterances([extractor(gained(wave, db))], "utterance", None)[0]
+            features = normalise_utterances([extractor(gained(wave, db))], mode, stats)[0]
             assert torch.allclose(features, reference, atol=1e-3), db
 
 

@@ -66,7 +66,7 @@ def test_speaker_normalisation_z_scores_every_speaker_with_its_own_frames(tmp_pa
 
 def test_an_unknown_normalisation_is_refused():
     with pytest.raises(ValueError, match="data.normalization must be one of global, speaker"):
-        datamodule(Path("unused"), "utterance")
+        datamodule(Path("unused"), "per-corpus")
 
 
 @pytest.fixture()

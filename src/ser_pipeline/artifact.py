@@ -131,7 +131,7 @@ def read_spec(directory: str | Path) -> ModelSpec:
             f"{sorted(_architectures())}")
     if not isinstance(raw.get("kwargs"), dict) or not isinstance(raw.get("features"), dict):
         raise UnsafeArtifactError(f"{directory / SPEC_FILE}: kwargs and features must be mappings")
-    if raw.get("normalization", "global") not in ("global", "speaker", "utterance"):
+    if raw.get("normalization", "global") not in ("global", "speaker", "utterance", "level"):
         raise UnsafeArtifactError(f"{directory / SPEC_FILE}: unknown normalization "
                                   f"{raw.get('normalization')!r}")
     try:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ser_pipeline.audio import read_audio
 from ser_pipeline.corpora.labels import select_classes
 from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS, validate_manifest
-from ser_pipeline.features.batching import FeatureStats, pad_batch
+from ser_pipeline.features.batching import FeatureStats, pad_batch, remove_level
 from ser_pipeline.features.cache import FeatureCache, extract_features
 from ser_pipeline.splits import Split, make_split
 
@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 #: (stored with the model); ``speaker`` with each speaker's own statistics over all of its
 #: utterances - classic speaker normalisation, which needs unlabelled audio of a test speaker
 #: before predicting (transductive; inference takes it from the inputs of one call);
-#: ``utterance`` z-scores every utterance with its own statistics (inductive, level-invariant)
-NORMALIZATIONS = ("global", "speaker", "utterance")
+#: ``utterance`` z-scores every utterance with its own statistics (inductive, level-invariant);
+#: ``level`` removes each utterance's mean level, then uses training statistics (inductive,
+#: level-invariant for log features, keeps the spectral envelope)
+NORMALIZATIONS = ("global", "speaker", "utterance", "level")
 
 
 class UtteranceDataset(Dataset):
@@ -57,11 +59,12 @@ class UtteranceDataset(Dataset):
         random_crop: bool = False,
         waveforms: list[torch.Tensor] | None = None,
         wave_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        level: bool = False,
     ) -> None:
         self.rows = rows.reset_index(drop=True)
         # one FeatureStats for all (training statistics), one per item (its speaker's) or
         # None: every item (and every augmented copy of it) normalised with its own statistics
-        self.per_utterance = stats is None
+        self.per_utterance, self.level = stats is None, level
         self.stats = stats if isinstance(stats, list) else [stats] * len(features)
         self.features = [self._normalise(i, f) for i, f in enumerate(features)]
         # with waveform augmentation, features are recomputed from an augmented waveform
@@ -89,6 +92,8 @@ class UtteranceDataset(Dataset):
     def _normalise(self, index: int, features: torch.Tensor) -> torch.Tensor:
         if self.per_utterance:
             return FeatureStats.of_utterance(features).normalise(features)
+        if self.level:
+            features = remove_level(features)
         return self.stats[index].normalise(features)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -259,7 +264,8 @@ class SERDataModule(pl.LightningDataModule):
         for part, frame in rows.items():
             if frame.empty:
                 raise ValueError(f"the {part} split is empty after skipping bad files")
-        self.stats = FeatureStats.from_features([by_id[i] for i in rows["train"]["id"]])
+        shift = remove_level if self.normalization == "level" else (lambda f: f)
+        self.stats = FeatureStats.from_features([shift(by_id[i]) for i in rows["train"]["id"]])
         item_stats = {part: self.stats for part in rows}
         if self.normalization == "speaker":  # every speaker's own frames (never its labels)
             by_speaker = {  # keyed with the corpus: speaker ids of two corpora may clash
@@ -276,7 +282,8 @@ class SERDataModule(pl.LightningDataModule):
         self.datasets = {
             part: UtteranceDataset(frame, [by_id[i] for i in frame["id"]], item_stats[part],
                                    self.classes, self.domains, self.domain_classes,
-                                   crop_frames=crop, random_crop=part == "train")
+                                   crop_frames=crop, random_crop=part == "train",
+                                   level=self.normalization == "level")
             for part, frame in rows.items()
         }
         if self.augment:

@@ -69,16 +69,29 @@ class RunningStats:
         return FeatureStats(mean.float(), std.float())
 
 
+def remove_level(features: torch.Tensor) -> torch.Tensor:
+    """``(channels, n_features, frames)`` minus each channel's mean over features and frames.
+
+    For log features a gain change adds one constant to every value, so this removes the
+    recording level exactly while keeping the spectral envelope and every row's dynamics
+    (which per-utterance z-scoring would flatten).
+    """
+    return features - features.mean(dim=(-2, -1), keepdim=True)
+
+
 def normalise_utterances(raw: list[torch.Tensor], mode: str,
                          stats: FeatureStats | None) -> list[torch.Tensor]:
     """Normalise ``raw`` features as a model trained with ``data.normalization=mode`` expects.
 
     ``utterance``: every item z-scored with its own statistics (inductive; a gain change is an
-    additive shift of log features, so it cancels). Otherwise every item uses ``stats``
+    additive shift of log features, so it cancels). ``level``: :func:`remove_level`, then the
+    training statistics ``stats`` (inductive, level-invariant). Otherwise every item uses ``stats``
     (training speakers' for ``global``, the speaker's own for ``speaker``).
     """
     if mode == "utterance":
         return [FeatureStats.of_utterance(r).normalise(r) for r in raw]
+    if mode == "level" and stats is not None:  # the level removed, then training statistics
+        return [stats.normalise(remove_level(r)) for r in raw]
     if stats is None:
         raise ValueError(f"normalisation '{mode}' needs statistics")
     return [stats.normalise(r) for r in raw]
