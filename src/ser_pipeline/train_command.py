@@ -13,12 +13,12 @@ from ser_pipeline.training import print_summary, train
 
 
 def run(cfg: DictConfig) -> float:
-    """Entry point behind ``train.py``: returns the optimised metric (test or val UAR)."""
+    """Entry point behind ``train.py``: returns the optimised metric (val UAR by default)."""
     print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
+    stage, name = str(cfg.get("optimized_metric", "val/uar")).split("/")
     if str(cfg.data.fold) == "all":
-        return cross_validate(cfg)["mean"]["uar"]
+        mean = cross_validate(cfg)["mean"]
+        return float(mean[name] if stage == "test" else mean["val_uar"])
     result = train(cfg)
     print_summary(result)
-    metric = cfg.get("optimized_metric", "test/uar")
-    stage, name = metric.split("/")
     return float(result["test"][name] if stage == "test" else result["best_val_uar"])
