@@ -32,6 +32,8 @@ MODEL_FEATURES = {
     "cnn_attn_multitask": "logmel",
     "dcnn_blstm_attn": "logmel_deltas",
     "blstm_local_attn": "lld",
+    "svm": "lld",
+    "ssl_attn": "ssl",
 }
 
 
