@@ -41,6 +41,7 @@ from bench.common import (
     started_at,
     write_result,
 )
+from ser_pipeline.metrics import label_scores, summarise_folds  # noqa: E402
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 READERS = {"emodb": "read_emodb", "ravdess": "read_ravdess", "cremad": "read_cremad",
@@ -61,8 +62,6 @@ def fold_models(cv_dir: Path) -> list[Path]:
 
 
 def scores(truth: list[str], predicted: list[str]) -> dict[str, float]:
-    from ser_pipeline.metrics import label_scores
-
     return label_scores(truth, predicted)
 
 
@@ -114,9 +113,7 @@ def cross_corpus(models: list[Path], target: Any) -> dict[str, Any]:
     ensemble = scores(truth, [shared[i] for i in total.argmax(1)])
     return {"shared_classes": shared, "utterances": len(rows),
             "speakers": int(rows["speaker"].nunique()), "per_model": per_model,
-            "mean": {k: float(np.mean([m[k] for m in per_model])) for k in ensemble},
-            "std": {k: float(np.std([m[k] for m in per_model], ddof=1)) if len(per_model) > 1
-                    else float("nan") for k in ensemble},
+            **summarise_folds(per_model, list(ensemble)),
             "ensemble": ensemble, "chance_uar": 1.0 / len(shared)}
 
 
@@ -142,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_corpus(args.corpus, args.root)
     gains = [0.0, *[g for g in args.gains_db if g != 0.0]]
     levels = [level_rows(m, manifest, gains) for m in models]
-    level = {g: {k: {"mean": float(np.mean([f[g][k] for f in levels])),
-                     "std": float(np.std([f[g][k] for f in levels], ddof=1))}
-                 for k in levels[0][g]} for g in levels[0]}
+    level = {}
+    for gain in levels[0]:
+        summary = summarise_folds([fold[gain] for fold in levels], list(levels[0][gain]))
+        level[gain] = {k: {"mean": summary["mean"][k], "std": summary["std"][k]}
+                       for k in levels[0][gain]}
     from ser_pipeline.artifact import load_model_dir
 
     spec = load_model_dir(models[0]).spec
