@@ -47,7 +47,10 @@ for round in $(seq 1 "$rounds"); do
       failed[$t]=$((failed[$t] + 1))
     fi
   done
-  echo "round $round/$rounds done ($(date +%H:%M:%S))"
+  # the tally so far, so that a run cut short still says what it measured
+  tally=""
+  for t in "${tests[@]}"; do tally+=" ${passed[$t]}/$round"; done
+  echo "round $round/$rounds done ($(date +%H:%M:%S)), passes so far:$tally"
 done
 
 echo
