@@ -242,14 +242,34 @@ def open_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
         path.parent.mkdir(parents=True, exist_ok=True)
         # local workers share one file: wait for its write lock rather than fail after 5 s
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    with tracking.first_use_lock(url), warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry_stale_trials)
-                 if heartbeat_interval and retry_stale_trials > 0 else None)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval or None,
-            grace_period=grace_period if heartbeat_interval else None,
-            heartbeat_stale_trial_callback=retry)
+    else:
+        # a database server across the network: drop connections it closed while a trial ran
+        engine_kwargs = {"pool_pre_ping": True}
+    from sqlalchemy import exc as sql_errors
+
+    attempt = 1
+    while True:
+        try:
+            with tracking.first_use_lock(url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = (optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=retry_stale_trials)
+                    if heartbeat_interval and retry_stale_trials > 0 else None)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval or None,
+                    grace_period=grace_period if heartbeat_interval else None,
+                    heartbeat_stale_trial_callback=retry)
+        except (sql_errors.IntegrityError, sql_errors.ProgrammingError,
+                optuna.exceptions.StorageInternalError) as error:
+            # workers started together on a fresh server database race to create Optuna's
+            # tables ("already exists"); the losers find them made when they try again
+            if path is not None or attempt == 5:
+                raise
+            log.info("creating the study tables raced another worker (%s); retrying",
+                     type(error).__name__)
+            time.sleep(0.2 * attempt)
+            attempt += 1
 
 
 def storage_label(url: str) -> str:
