@@ -68,8 +68,8 @@ class LoadedModel:
 
 
 def _architectures() -> dict[str, type[nn.Module]]:
-    from ser_pipeline.classic import SVMClassifier
     from ser_pipeline.models import MODELS
+    from ser_pipeline.models.svm import SVMClassifier
 
     return {cls.__name__: cls for cls in (*MODELS.values(), SVMClassifier)}
 

@@ -34,53 +34,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ser_pipeline.metrics import label_scores
+from ser_pipeline.models.svm import (  # noqa: F401  (re-exported for bench and tests)
+    FUNCTIONALS,
+    SUMMARIES,
+    SVMClassifier,
+    functionals,
+    ovo_decision_values,
+    ovo_votes,
+    rbf_kernel,
+    utterance_vector,
+)
 
 log = logging.getLogger(__name__)
 
-#: the summaries of every feature row (and of its delta), in the order of :func:`functionals`
-FUNCTIONALS = ("mean", "std", "min", "max", "p10", "p50", "p90", "slope")
 #: the reference's grid (``conf/model/svm.yaml`` repeats it); gamma is a multiple of
 #: 1 / n_inputs, scikit-learn's ``gamma="scale"`` on z-scored inputs
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 GAMMA_SCALES = (0.25, 1.0, 4.0)
-#: ``model.summary``: ``functionals`` of the frames, ``vector`` (a 1-frame feature as is), or
-#: ``auto`` (``vector`` when every training utterance has exactly one frame)
-SUMMARIES = ("auto", "functionals", "vector")
-
-
-# -- utterance vectors ---------------------------------------------------------------------------
-
-def functionals(frames: np.ndarray) -> np.ndarray:
-    """``(rows, time)`` frame features -> ``(8 * 2 * rows,)``: 8 functionals of every row and its
-    delta (all means, then all stds, ... in :data:`FUNCTIONALS` order), in float64."""
-    frames = np.asarray(frames, dtype=np.float64)
-    delta = np.gradient(frames, axis=1) if frames.shape[1] > 1 else np.zeros_like(frames)
-    rows = np.concatenate([frames, delta])
-    time_axis = np.arange(rows.shape[1], dtype=np.float64)
-    centred = time_axis - time_axis.mean()
-    denominator = float((centred**2).sum()) or 1.0
-    p10, p50, p90 = np.percentile(rows, [10, 50, 90], axis=1)
-    slope = (rows * centred).sum(axis=1) / denominator
-    return np.concatenate([rows.mean(1), rows.std(1), rows.min(1), rows.max(1),
-                           p10, p50, p90, slope])
-
-
-def utterance_vector(features: torch.Tensor, summary: str) -> np.ndarray:
-    """One utterance's ``(channels, n_features, frames)`` -> its float64 vector.
-
-    ``functionals``: :func:`functionals` of the ``channels * n_features`` rows; ``vector``:
-    the first (only) frame, flattened.
-    """
-    rows = features.detach().cpu().reshape(-1, features.shape[-1]).numpy()
-    if summary == "vector":
-        return rows[:, 0].astype(np.float64)
-    if summary == "functionals":
-        return functionals(rows)
-    raise ValueError(f"summary must be 'functionals' or 'vector', not {summary!r}")
-
 
 def resolve_summary(configured: str, features: list[torch.Tensor]) -> str:
     """``model.summary`` made concrete for the training utterances ``features``."""
@@ -153,130 +125,6 @@ def fit_with_validation_grid(
     grid = [{"C": -t[1], "gamma_scale": -t[2], "val_uar": t[0]} for t in tried]
     return fitted, {"C": c, "gamma_scale": gamma_scale, "val_uar": val_uar,
                     "val_predicted": val_predicted, "grid": grid}
-
-
-# -- prediction from stored arrays (no scikit-learn) -----------------------------------------------
-
-def rbf_kernel(x: torch.Tensor, support_vectors: torch.Tensor, gamma: float,
-               chunk_elements: int = 4_000_000) -> torch.Tensor:
-    """``exp(-gamma * |x - sv|^2)``: ``(batch, d)`` x ``(n_sv, d)`` -> ``(batch, n_sv)``.
-
-    Squared differences summed directly, as libsvm's dense kernel does (not the
-    ``|x|^2 + |sv|^2 - 2 x.sv`` expansion, which loses digits), in chunks of rows.
-    """
-    rows = max(1, chunk_elements // max(1, support_vectors.numel()))
-    parts = [(x[start:start + rows, None, :] - support_vectors[None]).square().sum(-1)
-             for start in range(0, x.shape[0], rows)]
-    distances = torch.cat(parts) if parts else x.new_zeros((0, support_vectors.shape[0]))
-    return torch.exp(-gamma * distances)
-
-
-def ovo_decision_values(kernel: torch.Tensor, dual_coef: torch.Tensor, intercept: torch.Tensor,
-                        n_support: list[int]) -> torch.Tensor:
-    """libsvm's one-vs-one decision values ``(batch, n_pairs)`` from the kernel ``(batch, n_sv)``.
-
-    Support vectors are grouped by class (``n_support`` each); pairs are ``(i, j)``, ``i < j``,
-    in order; pair ``(i, j)`` weighs class i's support vectors with ``dual_coef[j - 1]`` and
-    class j's with ``dual_coef[i]`` and adds its intercept (scikit-learn's ``_dual_coef_`` and
-    ``_intercept_``, i.e. minus libsvm's rho). Positive: a vote for i.
-    """
-    starts = np.concatenate([[0], np.cumsum(n_support)]).tolist()
-    values = []
-    for p, (i, j) in enumerate(itertools.combinations(range(len(n_support)), 2)):
-        si, sj = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
-        values.append(kernel[:, si] @ dual_coef[j - 1, si] + kernel[:, sj] @ dual_coef[i, sj]
-                      + intercept[p])
-    return torch.stack(values, dim=1)
-
-
-def ovo_votes(decision_values: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """``(batch, n_pairs)`` decision values -> ``(batch, n_classes)`` vote counts (float64)."""
-    votes = decision_values.new_zeros((decision_values.shape[0], n_classes))
-    for p, (i, j) in enumerate(itertools.combinations(range(n_classes), 2)):
-        wins = (decision_values[:, p] > 0).to(votes.dtype)  # libsvm: > 0 for i, else j
-        votes[:, i] += wins
-        votes[:, j] += 1 - wins
-    return votes
-
-
-class SVMClassifier(nn.Module):
-    """A fitted RBF SVM on utterance vectors, with a network's call contract.
-
-    ``forward(features (batch, channels, n_features, frames), lengths (batch,))`` -> dict:
-    ``emotion`` ``(batch, n_emotions)`` one-vs-one vote counts (``-inf`` for a class the SVM
-    never saw), ``gender`` ``(batch, n_genders)`` and ``vad`` ``(batch, n_dims)`` zeros (it
-    predicts neither: its model directory says ``has_gender: false``), ``embedding`` the
-    z-scored utterance vectors. Every array is a float64 buffer, so the state dict is the
-    model and nothing else is stored.
-    """
-
-    def __init__(self, n_inputs: int, n_support: list[int], svm_classes: list[int],
-                 n_emotions: int, gamma: float, summary: str = "functionals",
-                 n_genders: int = 2, n_dims: int = 3) -> None:
-        super().__init__()
-        if summary not in ("functionals", "vector"):
-            raise ValueError(f"summary must be 'functionals' or 'vector', not {summary!r}")
-        if len(n_support) != len(svm_classes) or len(svm_classes) < 2:
-            raise ValueError("need n_support for each of at least two svm_classes")
-        if any(not 0 <= c < n_emotions for c in svm_classes):
-            raise ValueError(f"svm_classes must index the {n_emotions} emotion classes")
-        self.n_inputs, self.n_support = int(n_inputs), [int(n) for n in n_support]
-        self.svm_classes, self.n_emotions = [int(c) for c in svm_classes], int(n_emotions)
-        self.gamma, self.summary = float(gamma), summary
-        self.n_genders, self.n_dims = n_genders, n_dims
-        n_sv, k = sum(self.n_support), len(self.svm_classes)
-        double = torch.float64
-        self.register_buffer("input_mean", torch.zeros(self.n_inputs, dtype=double))
-        self.register_buffer("input_std", torch.ones(self.n_inputs, dtype=double))
-        self.register_buffer("support_vectors", torch.zeros(n_sv, self.n_inputs, dtype=double))
-        self.register_buffer("dual_coef", torch.zeros(k - 1, n_sv, dtype=double))
-        self.register_buffer("intercept", torch.zeros(k * (k - 1) // 2, dtype=double))
-
-    @classmethod
-    def from_fitted(cls, fitted: FittedSVM, n_emotions: int, summary: str
-                    ) -> tuple[SVMClassifier, dict[str, Any]]:
-        """The arrays of ``fitted`` (trained on class indices) -> ``(model, its kwargs)``."""
-        svc = fitted.svc
-        kwargs = {"n_inputs": int(svc.support_vectors_.shape[1]),
-                  "n_support": [int(n) for n in svc.n_support_],
-                  "svm_classes": [int(c) for c in svc.classes_], "n_emotions": int(n_emotions),
-                  "gamma": float(svc._gamma), "summary": summary}
-        net = cls(**kwargs)
-        arrays = {"input_mean": fitted.mean, "input_std": fitted.std,
-                  "support_vectors": svc.support_vectors_,
-                  # libsvm's own signs (the public dual_coef_/intercept_ flip for two classes)
-                  "dual_coef": svc._dual_coef_, "intercept": svc._intercept_}
-        net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
-                             for k, v in arrays.items()})
-        return net.eval(), kwargs
-
-    def votes(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(batch, n_inputs)`` unstandardised vectors -> ``(batch, n_emotions)`` votes."""
-        if vectors.shape[-1] != self.n_inputs:
-            raise ValueError(f"expected {self.n_inputs} inputs per utterance, got "
-                             f"{vectors.shape[-1]} (another feature than the model's?)")
-        x = (vectors.to(torch.float64) - self.input_mean) / self.input_std
-        kernel = rbf_kernel(x, self.support_vectors, self.gamma)
-        decision = ovo_decision_values(kernel, self.dual_coef, self.intercept, self.n_support)
-        per_class = ovo_votes(decision, len(self.svm_classes))
-        votes = per_class.new_full((x.shape[0], self.n_emotions), float("-inf"))
-        votes[:, self.svm_classes] = per_class
-        return votes
-
-    def predict_vectors(self, vectors: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Emotion class indices: the most votes, the first class among equals (libsvm's rule)."""
-        return self.votes(torch.as_tensor(vectors)).argmax(-1).numpy()
-
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        vectors = torch.from_numpy(np.stack([
-            utterance_vector(features[i, ..., : int(n)], self.summary)
-            for i, n in enumerate(lengths)]))
-        votes = self.votes(vectors)
-        batch = features.shape[0]
-        return {"emotion": votes.float(),
-                "gender": features.new_zeros((batch, self.n_genders)),
-                "vad": features.new_zeros((batch, self.n_dims)),
-                "embedding": ((vectors - self.input_mean) / self.input_std).float()}
 
 
 # -- one run: fit, test, log -----------------------------------------------------------------------
@@ -415,13 +263,6 @@ def _log_results(cfg: Any, datamodule: Any, result: dict[str, Any], output_dir: 
     }, datamodule.stats)
     result["model_dir"] = str(model_dir)
     mlflow_cfg = cfg.logger.mlflow
-    if mlflow_cfg.get("log_model", True):
-        from ser_pipeline.packaging import log_pyfunc_model
+    from ser_pipeline.packaging import publish_model
 
-        info = log_pyfunc_model(model_dir)
-        result["model_uri"] = info.model_uri
-        if mlflow_cfg.get("register", True) and "test" in result:
-            version = tracking.register_model(
-                info.model_uri, mlflow_cfg.registered_model_name, "val_uar",
-                selection["val_uar"], mlflow_cfg.get("champion_alias"))
-            result["registered"] = f"models:/{version.name}/{version.version}"
+    result.update(publish_model(model_dir, mlflow_cfg, selection["val_uar"], "test" in result))

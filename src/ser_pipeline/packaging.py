@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -62,3 +63,22 @@ def log_pyfunc_model(model_dir: str | Path, name: str = "model"):
         # the package travels with the model, so serving needs only the pinned packages
         code_paths=[str(Path(__file__).parent)],
     )
+
+
+def publish_model(model_dir: str | Path, mlflow_cfg: Any, val_uar: float,
+                  tested: bool) -> dict[str, str]:
+    """Log ``model_dir`` as the active run's pyfunc model and, for a tested run, register it
+    (the champion alias moves when ``val_uar`` beats the holder's). Returns ``model_uri`` and
+    ``registered`` where done; what every kind of model (deep or SVM) does after training."""
+    from ser_pipeline import tracking
+
+    out: dict[str, str] = {}
+    if not mlflow_cfg.get("log_model", True):
+        return out
+    info = log_pyfunc_model(model_dir)
+    out["model_uri"] = info.model_uri
+    if mlflow_cfg.get("register", True) and tested:
+        version = tracking.register_model(info.model_uri, mlflow_cfg.registered_model_name,
+                                          "val_uar", val_uar, mlflow_cfg.get("champion_alias"))
+        out["registered"] = f"models:/{version.name}/{version.version}"
+    return out

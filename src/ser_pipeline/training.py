@@ -264,16 +264,9 @@ def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
     if tta > 1 and "test" in result:
         result["test_tta"] = evaluate_with_tta(model_dir, datamodule, tta)
         mlflow.log_metrics({f"test_tta/{k}": v for k, v in result["test_tta"].items()})
-    if mlflow_cfg.get("log_model", True):
-        from ser_pipeline.packaging import log_pyfunc_model
+    from ser_pipeline.packaging import publish_model
 
-        info = log_pyfunc_model(model_dir)
-        result["model_uri"] = info.model_uri
-        if mlflow_cfg.get("register", True) and "test" in result:
-            version = tracking.register_model(
-                info.model_uri, mlflow_cfg.registered_model_name, "val_uar",
-                module.best_val_uar, mlflow_cfg.get("champion_alias"))
-            result["registered"] = f"models:/{version.name}/{version.version}"
+    result.update(publish_model(model_dir, mlflow_cfg, module.best_val_uar, "test" in result))
 
 
 def evaluate_with_tta(model_dir: Path, datamodule: SERDataModule, views: int) -> dict[str, float]:
