@@ -40,21 +40,17 @@ class PostgresServer:
     data_dir: Path
 
     def url(self, database: str = "postgres") -> str:
-        """SQLAlchemy URL (psycopg2 driver) of ``database`` on this server; no password."""
-        return f"postgresql+psycopg2://{self.user}@{self.host}:{self.port}/{database}"
+        """``postgresql://`` URL of ``database`` as tune.py users write it; no password."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
         """Create database ``name``; its SQLAlchemy URL."""
-        import psycopg2
+        import psycopg
 
-        connection = psycopg2.connect(host=self.host, port=self.port, user=self.user,
-                                      dbname="postgres")
-        try:
-            connection.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
+        # autocommit: CREATE DATABASE cannot run inside a transaction
+        with psycopg.connect(host=self.host, port=self.port, user=self.user, dbname="postgres",
+                             autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
 
@@ -105,7 +101,7 @@ def _run(command: list[str], account: pwd.struct_passwd | None, cwd: Path,
 def postgres_server(host: str = "127.0.0.1") -> Iterator[PostgresServer]:
     """A running server (superuser ``postgres``, trust authentication on ``host`` only)."""
     try:
-        import psycopg2  # noqa: F401  (the driver tune.py's postgresql:// URLs use)
+        import psycopg  # noqa: F401  (SQLAlchemy's driver for postgresql:// URLs)
     except ImportError as error:
         raise PostgresUnavailable(f"the PostgreSQL driver is not installed ({error}): "
                                   "pip install -e '.[dev]'") from error
