@@ -198,7 +198,7 @@ def ablation_section(results_dir: Path) -> list[str]:
               mean_std(r["mean"]["uar"], r["std"]["uar"]), f"{r['epochs_mean']:.1f}",
               f"{r['wall_seconds'] / 60:.1f} min", _run_load(r)] for i, r in enumerate(runs, 1)]
     lines = ["### Ablation: one lever at a time (chosen on validation speakers)", "",
-             format_table(["#", "lever (cumulative where it says +)", "corpus", "protocol",
+             format_table(["#", "levers (each line lists every one it uses)", "corpus", "protocol",
                            "folds", "val UAR (selection)", "test UAR", "epochs", "wall time",
                            "load/CPU"], table, markdown=True), "",
              "Recipes were chosen by the mean *validation* UAR over folds (each fold's best "
@@ -307,6 +307,36 @@ def speed_sections(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def robustness_section(results: list[dict[str, Any]]) -> list[str]:
+    """Level and cross-corpus robustness of cross-validations' fold models (robustness.py)."""
+    runs = of_kind(results, "robustness")
+    if not runs:
+        return []
+    table = []
+    for r in runs:
+        level = r["level"]
+        cc = r.get("cross_corpus")
+        quiet = level.get("-20")
+        table.append([r["corpus"], r.get("model") or "-", r.get("normalization", "global"),
+                      str(r["folds"]), f"{level['+0']['wa']['mean']:.3f}",
+                      f"{quiet['wa']['mean']:.3f}" if quiet else "-",
+                      f"{quiet['wa']['mean'] - level['+0']['wa']['mean']:+.3f}" if quiet else "-",
+                      r.get("target") or "-",
+                      mean_std(cc["mean"]["uar"], cc["std"]["uar"]) if cc else "-",
+                      f"{cc['ensemble']['uar']:.3f}" if cc else "-",
+                      f"{cc['chance_uar']:.3f}" if cc else "-"])
+    lines = ["### Robustness: recording level and another corpus", "",
+             format_table(["trained on", "model", "normalisation", "fold models",
+                           "test accuracy", "at -20 dB", "change", "tested on",
+                           "cross-corpus UAR", "ensemble UAR", "chance"], table, markdown=True),
+             "", "Each fold model on its own test speakers at the original level and 20 dB "
+             "quieter, and on every speaker of another corpus over the classes both share "
+             "(the best-scoring shared class is the prediction); *ensemble* averages the fold "
+             "models' probabilities. Reproduce:", ""]
+    lines += [f"- `{r['command']}`" for r in runs]
+    return [*lines, ""]
+
+
 def render(results: list[dict[str, Any]], default: str,
            results_dir: Path | None = None) -> str:
     """The README section (without the markers)."""
@@ -314,6 +344,7 @@ def render(results: list[dict[str, Any]], default: str,
              "bench/results/*.json: edit those, not this -->", "",
              *accuracy_section(results),
              *(ablation_section(results_dir) if results_dir else []),
+             *robustness_section(results),
              *baseline_section(results),
              *targets_section(results, default),
              *speed_sections(results)]
