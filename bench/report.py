@@ -317,7 +317,8 @@ def robustness_section(results: list[dict[str, Any]]) -> list[str]:
         level = r["level"]
         cc = r.get("cross_corpus")
         quiet = level.get("-20")
-        table.append([r["corpus"], r.get("model") or "-", r.get("normalization", "global"),
+        table.append([r["source"].removeprefix("robustness-").removesuffix(".json"),
+                      r["corpus"], r.get("model") or "-", r.get("normalization", "global"),
                       str(r["folds"]), f"{level['+0']['wa']['mean']:.3f}",
                       f"{quiet['wa']['mean']:.3f}" if quiet else "-",
                       f"{quiet['wa']['mean'] - level['+0']['wa']['mean']:+.3f}" if quiet else "-",
@@ -326,7 +327,7 @@ def robustness_section(results: list[dict[str, Any]]) -> list[str]:
                       f"{cc['ensemble']['uar']:.3f}" if cc else "-",
                       f"{cc['chance_uar']:.3f}" if cc else "-"])
     lines = ["### Robustness: recording level and another corpus", "",
-             format_table(["trained on", "model", "normalisation", "fold models",
+             format_table(["run", "trained on", "model", "normalisation", "fold models",
                            "test accuracy", "at -20 dB", "change", "tested on",
                            "cross-corpus UAR", "ensemble UAR", "chance"], table, markdown=True),
              "", "Each fold model on its own test speakers at the original level and 20 dB "
