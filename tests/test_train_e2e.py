@@ -151,3 +151,15 @@ def test_run_logs_per_speaker_per_gender_and_calibration_reports(trained):
     # one test speaker: its UAR is the run's test UAR
     assert only["uar"] == pytest.approx(runs[0].data.metrics["test/uar"], abs=1e-6)
     assert 0.0 <= runs[0].data.metrics["test/ece"] <= 1.0
+
+
+@pytest.mark.slow
+def test_output_to_a_log_file_is_one_line_per_epoch_not_a_progress_bar(tmp_path):
+    # FAST turns the bar off; here the defaults (bar and feature progress on) meet a pipe
+    options = [o for o in FAST if not o.startswith("trainer.enable_progress_bar")]
+    result = run_script("train.py", [*options, "logger=none", "trainer.max_epochs=2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "\r" not in output
+    epochs = [line for line in output.splitlines() if "val/uar" in line and " epoch " in line]
+    assert len(epochs) == 2

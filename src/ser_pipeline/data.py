@@ -15,6 +15,7 @@ A batch is a dict:
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -243,7 +244,8 @@ class SERDataModule(pl.LightningDataModule):
         wanted = set(self.split.train) | set(self.split.val) | set(self.split.test)
         manifest = manifest[manifest["id"].isin(wanted)].reset_index(drop=True)
         features, self.skipped = extract_features(
-            manifest["path"].tolist(), compute, cache, f"{self.name} features", self.progress
+            manifest["path"].tolist(), compute, cache, f"{self.name} features",
+            self.progress and sys.stderr.isatty()  # a bar in a terminal only, not in logs
         )
         if self.skipped:
             log.warning("skipped %d undecodable file(s):\n%s", len(self.skipped),

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,12 +185,21 @@ def _sigterm_as_termination() -> Iterator[None]:
         raise TerminationRequested("SIGTERM received") from error
 
 
+def interactive() -> bool:
+    """True when the console is a terminal (progress bars), False for logs and pipes."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                   callbacks: list, logger: Any, started: float,
                   stop: StopOnSignal) -> dict[str, Any]:
+    # a live bar only in a terminal: in CI logs or `> file` the module's one line per epoch
+    # (epoch, val/uar, val/wa, val/loss) is the record, not thousands of carriage returns
+    progress = bool(cfg.trainer.get("enable_progress_bar", True)) and interactive()
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                       logger=logger if logger is not None else False,
-                                      plugins=[AtomicCheckpointIO()])
+                                      plugins=[AtomicCheckpointIO()],
+                                      enable_progress_bar=progress)
     with _sigterm_as_termination():
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     stop.check()  # a signal during the last epoch's end stops before testing
