@@ -163,3 +163,18 @@ def test_output_to_a_log_file_is_one_line_per_epoch_not_a_progress_bar(tmp_path)
     assert "\r" not in output
     epochs = [line for line in output.splitlines() if "val/uar" in line and " epoch " in line]
     assert len(epochs) == 2
+
+
+def test_run_writes_and_logs_its_manifest_and_split(trained):
+    import pandas as pd
+
+    root, _, client, runs = trained
+    run_id = runs[0].info.run_id
+    names = {a.path for a in client.list_artifacts(run_id, "data")}
+    assert {"data/manifest.csv", "data/split.json"} <= names
+    manifest = pd.read_csv(client.download_artifacts(run_id, "data/manifest.csv", str(root)))
+    split = json.loads(Path(client.download_artifacts(run_id, "data/split.json",
+                                                      str(root))).read_text())
+    assert sorted(manifest.loc[manifest["part"] == "test", "id"]) == sorted(split["test"])
+    assert set(manifest.loc[manifest["part"] == "test", "speaker"]) == set(split["test_speakers"])
+    assert not set(split["train"]) & set(split["test"])

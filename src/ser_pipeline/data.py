@@ -14,9 +14,11 @@ A batch is a dict:
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -329,6 +331,22 @@ class SERDataModule(pl.LightningDataModule):
         return self._loader("test")
 
     # -- reporting -------------------------------------------------------------------------
+    def write_record(self, folder: str | Path) -> list[Path]:
+        """``manifest.csv`` (every utterance used, its labels and part) and ``split.json``
+        (the split's promise and its utterance ids) in ``folder``: what a run trained and
+        tested on, readable without this code (SpeechBrain's prepare -> manifest habit)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        part_of = {i: part for part, ids in (("train", self.split.train), ("val", self.split.val),
+                                             ("test", self.split.test)) for i in ids}
+        table = self.manifest.assign(part=self.manifest["id"].map(part_of))
+        manifest_path, split_path = folder / "manifest.csv", folder / "split.json"
+        table.to_csv(manifest_path, index=False)
+        split_path.write_text(json.dumps({**self.split.summary(), "train": self.split.train,
+                                          "val": self.split.val, "test": self.split.test},
+                                         indent=1))
+        return [manifest_path, split_path]
+
     @property
     def has_gender(self) -> bool:
         return bool(self.manifest["gender"].notna().any())

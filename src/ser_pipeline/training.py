@@ -144,6 +144,7 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
     callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)), stop,
                   *(extra_callbacks or [])]
 
+    record = datamodule.write_record(output_dir)  # manifest.csv, split.json
     with stop:
         stop.check()  # stopped before this fold began: no run is started
         if experiment_id is None:
@@ -159,6 +160,8 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
             tracking.log_params(tracking.flatten_config(cfg))
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
             mlflow.log_dict(summary, "data/summary.json")
+            for path in record:
+                mlflow.log_artifact(str(path), "data")
             mlflow.log_params({f"data.{part}_utterances": summary[part]["utterances"]
                                for part in ("train", "val", "test")})
             mlflow.log_param("data.skipped_files", len(datamodule.skipped))
