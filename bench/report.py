@@ -236,10 +236,53 @@ def _short_train_command(result: dict[str, Any]) -> str:
     return shlex.join(part for part in shlex.split(result["command"]) if "bench_id=" not in part)
 
 
+def _target(name: str, found: list[dict[str, Any]], value, met) -> dict[str, Any]:
+    if not found:
+        return {"name": name, "value": "-", "met": None, "source": "-"}
+    best = max(found, key=value)
+    return {"name": name, "value": f"{value(best):.3f} ({best['model']})", "met": met(best),
+            "source": best["source"]}
+
+
+def issue12_targets(results: list[dict[str, Any]], default: str) -> list[dict[str, Any]]:
+    """Issue 12's accuracy and robustness targets, from the accuracy, baseline and
+    robustness results (inductive normalisations only)."""
+    inductive = [r for r in of_kind(results, "accuracy") if r["complete"]
+                 and r.get("normalization", "global") in INDUCTIVE and r["model"] != "svm"]
+    loso = [r for r in inductive if r["corpus"] == "emodb" and r["protocol"] == "loso"]
+    reference = {(b["corpus"], b["protocol"]): b["mean"]["uar"]
+                 for b in of_kind(results, "baseline") if b.get("normalisation") == "global"}
+    ref = reference.get(("emodb", "loso"), 0.636)
+    uar = lambda r: r["mean"]["uar"]  # noqa: E731
+    rows = [_target("EMO-DB LOSO UAR of the default model's recipe >= 0.70", [
+                r for r in loso if r["model"] == default and r.get("recipe")], uar,
+                lambda r: uar(r) >= 0.70)]
+    for model in ("cnn_blstm_attn", "cnn_attn_multitask", "dcnn_blstm_attn", "blstm_local_attn"):
+        rows.append(_target(f"EMO-DB LOSO UAR of {model} above the reference ({ref:.3f})",
+                            [r for r in loso if r["model"] == model], uar,
+                            lambda r: uar(r) > ref))
+    ravdess_ref = reference.get(("ravdess", "group_kfold"))
+    if ravdess_ref is not None:
+        rows.append(_target(f"RAVDESS half UAR above the reference ({ravdess_ref:.3f})",
+                            [r for r in inductive if r["corpus"] == "ravdess"], uar,
+                            lambda r: uar(r) > ravdess_ref))
+    robust = [r for r in of_kind(results, "robustness") if "-20" in r["level"]]
+    change = lambda r: r["level"]["-20"]["wa"]["mean"] - r["level"]["+0"]["wa"]["mean"]  # noqa: E731
+    rows.append(_target("EMO-DB accuracy change original -> -20 dB within 0.05 (best run)",
+                        [r for r in robust if r["corpus"] == "emodb"], change,
+                        lambda r: abs(change(r)) <= 0.05))
+    cross = [r for r in robust if r["corpus"] == "emodb" and r.get("target") == "ravdess"]
+    rows.append(_target("EMO-DB -> RAVDESS UAR on the 6 shared classes >= 0.35 (ensemble)",
+                        cross, lambda r: r["cross_corpus"]["ensemble"]["uar"],
+                        lambda r: r["cross_corpus"]["ensemble"]["uar"] >= 0.35))
+    return rows
+
+
 def targets_section(results: list[dict[str, Any]], default: str) -> list[str]:
-    rows = [*accuracy_targets(results, default), *recorded_targets(results)]
+    rows = [*accuracy_targets(results, default), *issue12_targets(results, default),
+            *recorded_targets(results)]
     table = [[t["name"], t["value"], status(t["met"]), f"`{t['source']}`"] for t in rows]
-    return ["### Targets (issue 7)", "",
+    return ["### Targets (issues 7 and 12)", "",
             format_table(["target", "measured", "status", "result file"], table, markdown=True),
             ""]
 
