@@ -124,7 +124,8 @@ def interrupt_after_first_checkpoint(root: Path, sig: signal.Signals) -> subproc
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)  # polling for the checkpoint file
     process.send_signal(sig)
-    process.communicate(timeout=120)
+    # kept for the assertion messages: a run left RUNNING must come with its console
+    process.console = "".join(process.communicate(timeout=120))[-6000:]
     return process
 
 
@@ -133,7 +134,7 @@ def test_signal_marks_run_killed_and_keeps_checkpoints(tmp_path, sig):
     process = interrupt_after_first_checkpoint(tmp_path, sig)
     assert process.returncode != 0
     [run] = runs_of(tmp_path)
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED", f"exit {process.returncode}:\n{process.console}"
     assert "val/uar" in run.data.metrics  # what was logged before the signal is kept
     checkpoints = {p.name for p in tmp_path.glob("outputs/**/checkpoints/*.ckpt")}
     assert "last.ckpt" in checkpoints and "interrupted.ckpt" in checkpoints
