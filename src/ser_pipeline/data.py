@@ -31,7 +31,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ser_pipeline.audio import read_audio
 from ser_pipeline.corpora.labels import select_classes
 from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS, validate_manifest
-from ser_pipeline.features.batching import FeatureStats, pad_batch, remove_level
+from ser_pipeline.features.batching import (
+    FeatureStats,
+    normalise_utterances,
+    pad_batch,
+    remove_level,
+)
 from ser_pipeline.features.cache import FeatureCache, extract_features
 from ser_pipeline.splits import Split, make_split
 
@@ -54,7 +59,7 @@ class UtteranceDataset(Dataset):
         self,
         rows: pd.DataFrame,
         features: list[torch.Tensor],
-        stats: FeatureStats | list[FeatureStats] | None,
+        stats: FeatureStats | list[FeatureStats],
         classes: list[str],
         domains: list[str],
         domain_classes: dict[str, list[str]],
@@ -62,12 +67,12 @@ class UtteranceDataset(Dataset):
         random_crop: bool = False,
         waveforms: list[torch.Tensor] | None = None,
         wave_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        level: bool = False,
+        normalization: str = "global",
     ) -> None:
         self.rows = rows.reset_index(drop=True)
-        # one FeatureStats for all (training statistics), one per item (its speaker's) or
-        # None: every item (and every augmented copy of it) normalised with its own statistics
-        self.per_utterance, self.level = stats is None, level
+        # one FeatureStats for all (training statistics) or one per item (its speaker's);
+        # ``normalization`` says how they apply (``normalise_utterances``, as at inference)
+        self.normalization = normalization
         self.stats = stats if isinstance(stats, list) else [stats] * len(features)
         self.features = [self._normalise(i, f) for i, f in enumerate(features)]
         # with waveform augmentation, features are recomputed from an augmented waveform
@@ -93,11 +98,7 @@ class UtteranceDataset(Dataset):
         return len(self.rows)
 
     def _normalise(self, index: int, features: torch.Tensor) -> torch.Tensor:
-        if self.per_utterance:
-            return FeatureStats.of_utterance(features).normalise(features)
-        if self.level:
-            features = remove_level(features)
-        return self.stats[index].normalise(features)
+        return normalise_utterances([features], self.normalization, self.stats[index])[0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         features = self.features[index]
@@ -278,8 +279,6 @@ class SERDataModule(pl.LightningDataModule):
             item_stats = {part: [by_speaker[key] for key in zip(frame["corpus"],
                                                                  frame["speaker"], strict=True)]
                           for part, frame in rows.items()}
-        if self.normalization == "utterance":
-            item_stats = {part: None for part in rows}
         crop = None
         if self.max_seconds is not None:
             crop = int(self.max_seconds * sample_rate / self.extractor.hop_length) + 1
@@ -287,7 +286,7 @@ class SERDataModule(pl.LightningDataModule):
             part: UtteranceDataset(frame, [by_id[i] for i in frame["id"]], item_stats[part],
                                    self.classes, self.domains, self.domain_classes,
                                    crop_frames=crop, random_crop=part == "train",
-                                   level=self.normalization == "level")
+                                   normalization=self.normalization)
             for part, frame in rows.items()
         }
         if self.augment:
