@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as `python bench/robustness.py`: make `benc
 from bench.common import (
     RESULTS_DIR,
     command_line,
+    compose_train_config,
     format_table,
     machine_info,
     mean_std,
@@ -43,15 +44,18 @@ from bench.common import (
 )
 from ser_pipeline.metrics import label_scores, summarise_folds  # noqa: E402
 
-SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-READERS = {"emodb": "read_emodb", "ravdess": "read_ravdess", "cremad": "read_cremad",
-           "iemocap": "read_iemocap"}
-
 
 def read_corpus(name: str, root: str | None) -> Any:
-    from ser_pipeline import corpora
+    """The manifest of ``data=<name>`` read by its configured reader (conf/data), at ``root``
+    or the config's default folder."""
+    import tempfile
 
-    return getattr(corpora, READERS[name])(root or str(SHARED_DATASETS / name))
+    from hydra.utils import instantiate
+
+    overrides = [f"data={name}", *([f"data.root={root}"] if root else [])]
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = compose_train_config(overrides, Path(scratch))
+    return instantiate(cfg.data.reader)(cfg.data.root)
 
 
 def fold_models(cv_dir: Path) -> list[Path]:
@@ -122,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cv-dir", type=Path, required=True,
                         help="output folder of a data.fold=all run (holds fold<k>/model)")
     parser.add_argument("--corpus", default="emodb", help="the corpus the folds were trained on")
-    parser.add_argument("--root", help="its folder (default: ../shared/datasets/<corpus>)")
+    parser.add_argument("--root", help="its folder (default: the data config's root)")
     parser.add_argument("--target", help="another corpus for cross-corpus UAR, e.g. ravdess")
-    parser.add_argument("--target-root", help="its folder (default: ../shared/datasets/<target>)")
+    parser.add_argument("--target-root", help="its folder (default: the data config's root)")
     parser.add_argument("--gains-db", type=float, nargs="+", default=[0.0, -20.0, -10.0, 10.0])
     parser.add_argument("--name", help="result file suffix (default: the corpus and cv folder)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
