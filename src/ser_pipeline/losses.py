@@ -7,9 +7,59 @@ nothing at all - never a loss on filler values.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: the tasks a loss weight can name
+TASKS = ("emotion", "gender", "vad", "domain")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How the multitask loss is put together (``model.loss`` in the config).
+
+    ``weights``: per task (missing tasks weigh 0, emotion 1); ``weighting``: ``fixed`` or
+    ``uncertainty`` (learned task weights, :class:`UncertaintyWeighting`);
+    ``class_weights``: None, ``"balanced"`` (inverse training-class frequency, from the
+    class counts the module is given) or one weight per class.
+    """
+
+    weights: Mapping[str, float] = field(default_factory=lambda: {"emotion": 1.0})
+    weighting: str = "fixed"
+    label_smoothing: float = 0.0
+    class_weights: str | Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("fixed", "uncertainty"):
+            raise ValueError("model.loss.weighting must be 'fixed' or 'uncertainty', "
+                             f"not {self.weighting!r}")
+        unknown = set(self.weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"model.loss.weights names unknown tasks {sorted(unknown)}; "
+                             f"tasks: {list(TASKS)}")
+        if isinstance(self.class_weights, str) and self.class_weights != "balanced":
+            raise ValueError("model.loss.class_weights must be null, balanced or a list, "
+                             f"not {self.class_weights!r}")
+
+    def task_weights(self) -> dict[str, float]:
+        """Every task's weight: emotion 1 and the others 0 unless given."""
+        return {"emotion": 1.0, "gender": 0.0, "vad": 0.0, "domain": 0.0,
+                **{str(k): float(v) for k, v in self.weights.items()}}
+
+    def emotion_class_weights(self, class_counts: Sequence[int] | None) -> list[float] | None:
+        """The emotion loss's class weights; ``class_counts``: the training split's counts."""
+        if self.class_weights is None:
+            return None
+        if self.class_weights != "balanced":
+            return [float(w) for w in self.class_weights]
+        if class_counts is None:
+            raise ValueError("model.loss.class_weights=balanced needs the training class counts")
+        counts = torch.as_tensor(list(class_counts))
+        return (counts.sum() / (len(counts) * counts.clamp_min(1))).tolist()
 
 
 def concordance_cc(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -26,6 +27,7 @@ from torchmetrics.classification import (
 
 from ser_pipeline.corpora.manifest import DIMENSIONS
 from ser_pipeline.losses import (
+    LossSettings,
     UncertaintyWeighting,
     ccc_loss,
     concordance_cc,
@@ -35,6 +37,19 @@ from ser_pipeline.metrics import uar
 
 STAGES = ("train", "val", "test")
 log = logging.getLogger(__name__)
+
+
+def gather_from_ranks(items: list) -> list:
+    """``items`` of every DDP process, rank after rank; ``items`` itself in one process.
+
+    For what torchmetrics does not reduce (CCC inputs, test predictions and their ids): every
+    rank holds only its shard of the set. Every rank must call it (it is a collective).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    everyone: list[list | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
 
 
 class StageMetrics(nn.Module):
@@ -68,13 +83,16 @@ class StageMetrics(nn.Module):
         self.vad_true.append(batch["vad"].detach().cpu())
 
     def compute(self) -> dict[str, torch.Tensor]:
+        # torchmetrics reduce their states over DDP ranks here; the rest is gathered, and
+        # every decision below is the same on all ranks (each compute is a collective)
         values = dict(self.emotion.compute())
         for i, recall in enumerate(self.class_recall.compute()):
             values[f"recall_{i}"] = recall
-        if self.has_gender:
+        if any(gather_from_ranks([self.has_gender])):
             values["gender_acc"] = self.gender.compute()
-        if self.vad_pred:
-            pred, true = torch.cat(self.vad_pred), torch.cat(self.vad_true)
+        vad_pred, vad_true = gather_from_ranks(self.vad_pred), gather_from_ranks(self.vad_true)
+        if vad_pred:
+            pred, true = torch.cat(vad_pred), torch.cat(vad_true)
             for d, name in enumerate(DIMENSIONS[: true.shape[1]]):
                 labelled = ~torch.isnan(true[:, d])
                 if labelled.sum() >= 2:
@@ -98,32 +116,35 @@ class SERModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         class_names: list[str],
         scheduler: Callable[..., Any] | None = None,
-        loss_weights: dict[str, float] | None = None,
-        weighting: str = "fixed",
-        label_smoothing: float = 0.0,
-        class_weights: list[float] | None = None,
+        loss: LossSettings | None = None,
         spec_augment: nn.Module | None = None,
-        top_k: int = 3,
         mixup_alpha: float = 0.0,
         domain_names: list[str] | None = None,
+        class_counts: list[int] | None = None,
+        top_k: int = 3,
+        encoder_lr: float | None = None,
     ) -> None:
+        """``net``, ``class_names``, ``domain_names`` and ``class_counts`` (training split,
+        for ``loss.class_weights=balanced``) come from the data; the rest is ``conf/model``
+        (``optimizer``/``scheduler`` are factories: ``_partial_: true``)."""
         super().__init__()
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.class_names = list(class_names)
-        self.loss_weights = {"emotion": 1.0, "gender": 0.0, "vad": 0.0, "domain": 0.0,
-                             **(loss_weights or {})}
-        if weighting not in ("fixed", "uncertainty"):
-            raise ValueError("model.weighting must be 'fixed' or 'uncertainty'")
+        loss = loss or LossSettings()
+        self.loss_weights = loss.task_weights()
         tasks = [t for t, w in self.loss_weights.items() if w > 0]
-        self.uncertainty = UncertaintyWeighting(tasks) if weighting == "uncertainty" else None
-        self.label_smoothing = label_smoothing
+        self.uncertainty = UncertaintyWeighting(tasks) if loss.weighting == "uncertainty" else None
+        self.label_smoothing = loss.label_smoothing
+        class_weights = loss.emotion_class_weights(class_counts)
         self.register_buffer("class_weights",
                              torch.tensor(class_weights, dtype=torch.float32)
                              if class_weights else None, persistent=False)
         self.spec_augment = spec_augment
-        self.mixup_alpha = mixup_alpha
+        self.mixup_alpha = float(mixup_alpha or 0.0)
         self.domain_names = list(domain_names or [])
+        # a fine-tuned encoder's own learning rate (the net's ``parameter_groups``)
+        self.encoder_lr = encoder_lr
         self._test_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.top_k = min(top_k, len(class_names))
         # ModuleDict keys cannot be "train" (nn.Module.train exists), hence the suffix
@@ -175,12 +196,13 @@ class SERModule(pl.LightningModule):
         outputs = self(features, batch["lengths"])
         losses = self.losses(outputs, batch)
         size = len(batch["ids"])
+        # sync_dist: under DDP the epoch's loss is the mean over ranks (a no-op in one process)
         self.log(f"{stage}/loss", losses["total"], on_step=False, on_epoch=True, batch_size=size,
-                 prog_bar=stage != "train")
+                 prog_bar=stage != "train", sync_dist=True)
         for task in ("emotion", "gender", "vad", "domain"):
             if task in losses:
                 self.log(f"{stage}/loss_{task}", losses[task], on_step=False, on_epoch=True,
-                         batch_size=size)
+                         batch_size=size, sync_dist=True)
         self.metrics[f"{stage}_metrics"].update(outputs, batch)
         if stage == "test":
             self._test_probabilities.append(outputs["emotion"].detach().softmax(-1).cpu())
@@ -201,14 +223,18 @@ class SERModule(pl.LightningModule):
                     for k, v in batch.items()}
         total = (mixed.lam * self.losses(outputs, batch)["total"]
                  + (1 - mixed.lam) * self.losses(outputs, permuted)["total"])
-        self.log("train/loss", total, on_step=False, on_epoch=True, batch_size=len(batch["ids"]))
+        self.log("train/loss", total, on_step=False, on_epoch=True, batch_size=len(batch["ids"]),
+                 sync_dist=True)
         return total
 
     def _per_domain_uar(self) -> dict[str, float]:
         """Test UAR per corpus (multi-corpus training), the one UAR of ``metrics.uar``."""
-        if len(self.domain_names) < 2 or not self._test_outputs:
+        if len(self.domain_names) < 2:
             return {}
-        pred, true, domain = (torch.cat(x) for x in zip(*self._test_outputs, strict=True))
+        outputs = gather_from_ranks(self._test_outputs)
+        if not outputs:
+            return {}
+        pred, true, domain = (torch.cat(x) for x in zip(*outputs, strict=True))
         values = {}
         for d, name in enumerate(self.domain_names):
             here = domain == d
@@ -233,7 +259,8 @@ class SERModule(pl.LightningModule):
             if key.startswith("recall_"):
                 key = f"recall_{self.class_names[int(key.split('_')[1])]}"
             named[key] = float(value)
-            self.log(f"{stage}/{key}", value, prog_bar=key == "uar")
+            # already the whole set's on every rank: sync_dist averages equal values (DDP)
+            self.log(f"{stage}/{key}", value, prog_bar=key == "uar", sync_dist=True)
         confusion = metrics.confusion.compute().cpu()
         metrics.reset()
         if stage == "val" and not self.trainer.sanity_checking and named["uar"] > self.best_val_uar:
@@ -241,12 +268,13 @@ class SERModule(pl.LightningModule):
         if stage == "test":
             for key, value in self._per_domain_uar().items():
                 named[key] = value
-                self.log(f"test/{key}", value)
+                self.log(f"test/{key}", value, sync_dist=True)
             self._test_outputs = []
             self.test_confusion, self.test_results = confusion, named
-            if self._test_probabilities:
-                self.test_probabilities = torch.cat(self._test_probabilities)
-                self.test_ids = self._test_ids
+            probabilities = gather_from_ranks(self._test_probabilities)
+            if probabilities:  # the whole test set's, with its ids in the same order
+                self.test_probabilities = torch.cat(probabilities)
+                self.test_ids = gather_from_ranks(self._test_ids)
             self._test_probabilities, self._test_ids = [], []
         return named
 
@@ -265,7 +293,13 @@ class SERModule(pl.LightningModule):
         self._epoch_end("test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        params: Any = self.parameters()
+        if self.encoder_lr is not None and hasattr(self.net, "parameter_groups"):
+            params = self.net.parameter_groups(self.encoder_lr)
+            # the module's own parameters (learned task weights) at the optimizer's rate
+            own = [p for name, p in self.named_parameters() if not name.startswith("net.")]
+            params += [{"params": own}] if own else []
+        optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch import nn
 
 from ser_pipeline import reports, tracking
 from ser_pipeline.artifact import save_model_dir
@@ -47,43 +48,64 @@ def build_datamodule(cfg: DictConfig) -> SERDataModule:
     return instantiate(cfg.data, features=instantiate(cfg.feature), _convert_="partial")
 
 
-def net_kwargs(cfg: DictConfig, datamodule: SERDataModule) -> dict[str, Any]:
-    """The network's constructor arguments: the model config plus the data's sizes."""
+#: ``conf/model`` keys that are settings around the module, not :class:`SERModule` arguments:
+#: its name, the optimiser values the ``optimizer`` node interpolates, the network's domain
+#: switches (:func:`net_kwargs`) and test-time augmentation (applied after testing)
+MODULE_SETTINGS = ("name", "lr", "weight_decay", "domain_head", "domain_adversarial",
+                   "tta_views")
+
+
+def net_kwargs(cfg: DictConfig, in_channels: int, n_features: int, n_emotions: int,
+               n_domains: int = 0) -> dict[str, Any]:
+    """The network's constructor arguments: ``model.net`` plus the sizes known from the data.
+
+    What the model directory stores (``kwargs``), so that inference rebuilds the same network.
+    """
     kwargs = OmegaConf.to_container(cfg.model.net, resolve=True)
     kwargs.pop("_target_")
-    kwargs.update(in_channels=datamodule.in_channels, n_features=datamodule.n_features,
-                  n_emotions=len(datamodule.classes))
-    if cfg.model.get("domain_head", False) and len(datamodule.domains) > 1:
-        kwargs.update(n_domains=len(datamodule.domains),
+    kwargs.update(in_channels=in_channels, n_features=n_features, n_emotions=n_emotions)
+    if cfg.model.get("domain_head", False) and n_domains > 1:
+        kwargs.update(n_domains=n_domains,
                       domain_adversarial=bool(cfg.model.get("domain_adversarial", False)))
     return kwargs
 
 
+def instantiate_net(cfg: DictConfig, kwargs: dict[str, Any]) -> nn.Module:
+    """``model.net``'s ``_target_`` built with ``kwargs`` (from :func:`net_kwargs`)."""
+    return instantiate({"_target_": cfg.model.net._target_, **kwargs})
+
+
+def instantiate_module(cfg: DictConfig, net: nn.Module, class_names: list[str],
+                       class_counts: list[int] | None = None,
+                       domain_names: list[str] | None = None) -> SERModule:
+    """``instantiate(cfg.model, net=..., ...)``: the config's keys are the module's arguments,
+    ``net`` and what the data decides (classes, training class counts, domains) are passed."""
+    arguments = OmegaConf.to_container(cfg.model, resolve=True)  # ${model.lr} & co. resolved
+    for key in (*MODULE_SETTINGS, "net"):
+        arguments.pop(key, None)
+    return instantiate(arguments, net=net, class_names=list(class_names),
+                       class_counts=class_counts, domain_names=domain_names, _convert_="all")
+
+
 def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule, dict]:
-    kwargs = net_kwargs(cfg, datamodule)
-    net = instantiate({"_target_": cfg.model.net._target_, **kwargs})
+    """The module for ``datamodule`` (set up) and the network kwargs its model directory keeps."""
+    n_classes = len(datamodule.classes)
+    kwargs = net_kwargs(cfg, datamodule.in_channels, datamodule.n_features, n_classes,
+                        len(datamodule.domains))
+    # feature.finetune: the network runs the encoder (architecture, layers, what trains) and
+    # starts from its pretrained weights; afterwards they live in the network's state dict
+    kwargs.update(getattr(datamodule.extractor, "network_kwargs", dict)())
+    if "encoder" in kwargs and cfg.model.name != "ssl_attn":
+        raise ValueError(f"feature.finetune runs the encoder inside the network, which "
+                         f"model=ssl_attn does; model={cfg.model.name} cannot")
+    net = instantiate_net(cfg, kwargs)
+    if "encoder" in kwargs:
+        net.encoder.load_pretrained(datamodule.extractor.pretrained_encoder)
     if "pretrained_weights" in kwargs:
         # the trained state dict holds the backbone; a rebuilt model must not re-read the file
         kwargs["pretrained_weights"] = None
-    loss = cfg.model.loss
-    class_weights = loss.get("class_weights")
-    if class_weights == "balanced":
-        counts = datamodule.datasets["train"].emotion.bincount(minlength=len(datamodule.classes))
-        class_weights = (counts.sum() / (len(counts) * counts.clamp_min(1))).tolist()
-    module = SERModule(
-        net=net,
-        optimizer=instantiate(cfg.model.optimizer),
-        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
-        class_names=datamodule.classes,
-        loss_weights=dict(loss.weights),
-        weighting=loss.weighting,
-        label_smoothing=loss.label_smoothing,
-        class_weights=list(class_weights) if class_weights else None,
-        spec_augment=instantiate(cfg.model.spec_augment) if cfg.model.get("spec_augment")
-        else None,
-        mixup_alpha=float(cfg.model.get("mixup_alpha") or 0.0),
-        domain_names=datamodule.domains,
-    )
+    counts = datamodule.datasets["train"].emotion.bincount(minlength=n_classes).tolist()
+    module = instantiate_module(cfg, net, datamodule.classes, counts, datamodule.domains)
     return module, kwargs
 
 
@@ -144,11 +166,20 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
     callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)), stop,
                   *(extra_callbacks or [])]
 
-    record = datamodule.write_record(output_dir)  # manifest.csv, split.json
+    trainer = build_trainer(cfg, callbacks)
+    # Under DDP (trainer=ddp) this function runs once per rank: Lightning's launcher starts
+    # ranks 1.. as copies of the command when rank 0 reaches fit, so rank 0 has filled the
+    # feature cache above before they read it (ranks started by SLURM / torchrun fill it at
+    # once, each entry written atomically). Only global rank 0 creates the MLflow run, logs,
+    # writes the model directory and registers; the other ranks train their shard untracked.
+    if not trainer.is_global_zero:
+        experiment_id = None
+    # manifest.csv, split.json
+    record = datamodule.write_record(output_dir) if trainer.is_global_zero else []
     with stop:
         stop.check()  # stopped before this fold began: no run is started
         if experiment_id is None:
-            return _fit_and_test(cfg, datamodule, module, callbacks, None, started, stop)
+            return _fit_and_test(cfg, datamodule, module, trainer, None, started, stop)
         mlflow_cfg = tracking.tracking_config(cfg)
         tags = tracking.run_tags(cfg, datamodule.split,
                                  {**_resumed_from(cfg.get("ckpt_path")), **(extra_tags or {})})
@@ -170,7 +201,7 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
             logger = MLFlowLogger(experiment_name=mlflow_cfg.experiment_name,
                                   tracking_uri=mlflow.get_tracking_uri(),
                                   run_id=run.info.run_id)
-            result = _fit_and_test(cfg, datamodule, module, callbacks, logger, started, stop)
+            result = _fit_and_test(cfg, datamodule, module, trainer, logger, started, stop)
             result["run_id"] = run.info.run_id
             # a signal from here on waits until the results are logged: the run is complete
             _log_results(cfg, datamodule, module, kwargs, result, output_dir)
@@ -193,16 +224,21 @@ def interactive() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
-                  callbacks: list, logger: Any, started: float,
-                  stop: StopOnSignal) -> dict[str, Any]:
+def build_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
+    """``cfg.trainer`` with ``callbacks``, no logger yet (the MLflow run does not exist yet)
+    and atomic checkpoint writes; it knows its DDP rank (``trainer.global_rank``) at once."""
     # a live bar only in a terminal: in CI logs or `> file` the module's one line per epoch
     # (epoch, val/uar, val/wa, val/loss) is the record, not thousands of carriage returns
     progress = bool(cfg.trainer.get("enable_progress_bar", True)) and interactive()
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
-                                      logger=logger if logger is not None else False,
-                                      plugins=[AtomicCheckpointIO()],
-                                      enable_progress_bar=progress)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=False,
+                       plugins=[AtomicCheckpointIO()], enable_progress_bar=progress)
+
+
+def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
+                  trainer: pl.Trainer, logger: Any, started: float,
+                  stop: StopOnSignal) -> dict[str, Any]:
+    if logger is not None:
+        trainer.logger = logger
     with _sigterm_as_termination():
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     stop.check()  # a signal during the last epoch's end stops before testing
