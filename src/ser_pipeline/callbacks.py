@@ -113,14 +113,64 @@ class StopOnSignal(pl.Callback):
         if self._stop_requested():
             raise TerminationRequested("stop requested by the parent process")
 
-    def on_train_batch_start(self, *args: object, **kwargs: object) -> None:
-        self.check()
+    def check_together(self, trainer: pl.Trainer | None) -> None:
+        """:meth:`check`, agreed by every DDP rank: all stop at the same point if any must.
 
-    def on_validation_batch_start(self, *args: object, **kwargs: object) -> None:
-        self.check()
+        Why: a rank that stops alone leaves the others waiting in their next collective
+        (gradient all-reduce, metric sync) until they time out, and the run ends FAILED; a
+        stop agreed at a boundary every rank reaches ends all of them as an interrupt, which
+        the launching rank records as KILLED. In one process it is :meth:`check`.
+        """
+        if _ranks(trainer) == 1:
+            self.check()
+            return
+        here = self.received is not None or self._stop_requested()
+        if trainer.strategy.reduce_boolean_decision(here, all=False):
+            raise TerminationRequested("stop agreed by the DDP ranks (a signal or a stop "
+                                       "request reached one of them)")
 
-    def on_test_batch_start(self, *args: object, **kwargs: object) -> None:
-        self.check()
+    def _take_sigterm(self, trainer: pl.Trainer) -> None:
+        # Lightning installs its own SIGTERM handler when fit / test starts; under DDP it calls
+        # a broadcast from inside the handler, which can pair with another collective and hang
+        # the ranks. With several ranks this one records the signal only; the ranks agree at
+        # check_together. Lightning restores what it found (this handler) at teardown.
+        if (_ranks(trainer) > 1 and self._previous
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_sigterm(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_sigterm(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer | None, *args: object,
+                             **kwargs: object) -> None:
+        self.check_together(trainer)  # every rank runs the same number of training batches
+
+    # evaluation shards differ by up to one batch between ranks: under DDP the check waits
+    # for the epoch's end, which every rank reaches
+    def on_validation_batch_start(self, trainer: pl.Trainer | None, *args: object,
+                                  **kwargs: object) -> None:
+        if _ranks(trainer) == 1:
+            self.check()
+
+    def on_test_batch_start(self, trainer: pl.Trainer | None, *args: object,
+                            **kwargs: object) -> None:
+        if _ranks(trainer) == 1:
+            self.check()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _ranks(trainer) > 1:
+            self.check_together(trainer)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _ranks(trainer) > 1:
+            self.check_together(trainer)
+
+
+def _ranks(trainer: pl.Trainer | None) -> int:
+    return trainer.world_size if trainer is not None else 1
 
 
 @contextlib.contextmanager

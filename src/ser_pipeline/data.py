@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ser_pipeline.audio import read_audio
 from ser_pipeline.corpora.labels import select_classes
@@ -133,29 +134,37 @@ def class_balanced_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor
     return (1.0 / counts.clamp_min(1))[labels]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Random order that depends only on (seed, epoch).
+class EpochShuffleSampler(DistributedSampler):
+    """Random order that depends only on (seed, epoch); this process's share of it under DDP.
 
     Why not RandomSampler: Lightning calls ``set_epoch`` on samplers that have
     it, so a run resumed from a checkpoint sees exactly the orders the
-    uninterrupted run saw.
+    uninterrupted run saw. Why a ``DistributedSampler``: under DDP Lightning keeps it as it
+    is instead of wrapping it (its wrapper would pass ``set_epoch`` to itself only, so a
+    class-balanced draw would repeat every epoch). Every rank draws the same order (padded
+    by its first items to a multiple of ``num_replicas``) and takes every
+    ``num_replicas``-th item from ``rank``, so the ranks' k-th batches together are the
+    k-th batch of one process with ``num_replicas`` times the batch size.
     """
 
-    def __init__(self, size: int, seed: int, weights: torch.Tensor | None = None) -> None:
-        self.size, self.seed, self.epoch, self.weights = size, seed, 0, weights
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, size: int, seed: int, weights: torch.Tensor | None = None,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, seed=seed)
+        self.size, self.weights = size, weights
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.num_replicas)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        total = len(self) * self.num_replicas
         if self.weights is not None:  # class-balanced: draw with replacement by weight
-            return iter(torch.multinomial(self.weights, self.size, replacement=True,
-                                          generator=generator).tolist())
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+            order = torch.multinomial(self.weights, total, replacement=True,
+                                      generator=generator).tolist()
+        else:
+            order = torch.randperm(self.size, generator=generator).tolist()
+            order += order[: total - self.size]
+        return iter(order[self.rank :: self.num_replicas])
 
 
 class SERDataModule(pl.LightningDataModule):
@@ -307,18 +316,28 @@ class SERDataModule(pl.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, part: str) -> DataLoader:
         dataset = self.datasets[part]
-        sampler = None
+        sampler: Sampler | None = None
+        rank, replicas = self._shard()
         if part == "train":
             weights = None
             if self.balanced_sampling:  # each class drawn equally often (DCNN-BLSTMwA recipe)
                 weights = class_balanced_weights(dataset.emotion, len(self.classes))
-            sampler = EpochShuffleSampler(len(dataset), self.seed, weights)
+            sampler = EpochShuffleSampler(len(dataset), self.seed, weights, replicas, rank)
+        elif replicas > 1:  # every item once over all ranks: the reduced metrics are the set's
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=rank,
+                                                   shuffle=False)
         # an own generator: creating an iterator would otherwise draw from the global RNG,
         # shifting dropout masks depending on when Lightning builds it (breaks exact resume)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=collate,
                           persistent_workers=self.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.seed))
+
+    def _shard(self) -> tuple[int, int]:
+        """(rank, number of ranks) of this process's share of the loaders; (0, 1) unless DDP."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
