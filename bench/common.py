@@ -15,7 +15,6 @@ import resource
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -230,17 +229,10 @@ def mean_std(mean: float, std: float, digits: int = 3) -> str:
 
 def write_result(payload: dict[str, Any], name: str, results_dir: Path = RESULTS_DIR) -> Path:
     """Write ``<results_dir>/<name>.json`` atomically (a reader never sees half a file)."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{name}.json"
-    handle, tmp = tempfile.mkstemp(dir=results_dir, prefix=f".{name}-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=1, default=str)
-            out.write("\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    from ser_pipeline.files import atomic_write_text
+
+    return atomic_write_text(results_dir / f"{name}.json",
+                             json.dumps(payload, indent=1, default=str) + "\n")
 
 
 def started_at() -> str:

@@ -13,8 +13,6 @@ architectures, so a planted pickle or an unknown class name is refused.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from torch import nn
 
 from ser_pipeline.features import build_features
 from ser_pipeline.features.batching import FeatureStats
+from ser_pipeline.files import atomic_write_text
 
 FORMAT_VERSION = 1
 SPEC_FILE = "model.yaml"
@@ -89,10 +88,7 @@ def save_model_dir(
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, directory / WEIGHTS_FILE)
     save_file({k: v.contiguous() for k, v in stats.to_dict().items()}, directory / STATS_FILE)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(handle, "w") as out:
-        yaml.safe_dump(spec, out, sort_keys=False)
-    os.replace(tmp, directory / SPEC_FILE)
+    atomic_write_text(directory / SPEC_FILE, yaml.safe_dump(spec, sort_keys=False))
     return directory
 
 

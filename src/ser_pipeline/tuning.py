@@ -28,9 +28,7 @@ import datetime
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ser_pipeline import tracking
+from ser_pipeline.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -202,18 +201,6 @@ def experiment_yaml(overrides: list[str], groups: set[str], header: list[str]) -
     if values:
         text += "\n" + OmegaConf.to_yaml(values)
     return text
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so concurrent readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # -- storage -----------------------------------------------------------------------------------

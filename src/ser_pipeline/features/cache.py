@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ser_pipeline.audio import AudioError
+from ser_pipeline.files import atomic_path, atomic_write_text
 
 
 class CacheWriteError(OSError):
@@ -65,8 +64,8 @@ class FeatureCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             if not config_file.exists():
-                _atomic_write_text(config_file,
-                                   json.dumps(extractor_config, sort_keys=True, indent=1))
+                atomic_write_text(config_file,
+                                  json.dumps(extractor_config, sort_keys=True, indent=1))
         except OSError as error:
             raise CacheWriteError(self.folder, error) from error
         self.hits = 0
@@ -95,29 +94,12 @@ class FeatureCache:
         # float16 stays float16 (SSL hidden states: half the disk); anything else is float32
         dtype = torch.float16 if tensor.dtype == torch.float16 else torch.float32
         tensor = tensor.detach().to("cpu", dtype).contiguous()
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-",
-                                           suffix=".safetensors")
-            os.close(handle)
-            save_file({"features": tensor}, tmp, metadata={"blake2b": _tensor_digest(tensor)})
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({"features": tensor}, str(tmp),
+                          metadata={"blake2b": _tensor_digest(tensor)})
         except (OSError, SafetensorError) as error:  # safetensors reports ENOSPC as its own
             raise CacheWriteError(self.folder, error) from error
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    finally:  # after a failed write (disk full) the half-written temp file must not stay
-        Path(tmp).unlink(missing_ok=True)
 
 
 def extract_features(
