@@ -266,3 +266,189 @@ def test_trim_db_cuts_the_silence_around_speech_before_the_encoder(tiny_checkpoi
     assert trimmed.config()["trim_db"] == 40.0
     assert trimmed(wave).shape[-1] == trimmed.frames_for(len(trim_silence(wave, 16000, 40.0)))
     assert trimmed(wave).shape[-1] < trimmed.frames_for(len(wave))
+
+
+# -- fine-tuning (feature.finetune): the network runs the encoder --------------------------
+
+def tiny_net(extractor: SSLFeatures) -> SslAttn:
+    """A small ``SslAttn`` that runs ``extractor``'s encoder, from its pretrained weights."""
+    net = SslAttn(in_channels=1, n_features=1, n_emotions=4, projection_dim=8, attention_dim=4,
+                  head_hidden=8, **extractor.network_kwargs())
+    net.encoder.load_pretrained(extractor.pretrained_encoder)
+    return net
+
+
+#: the encoder's parts, by the prefix of their parameter names in ``Wav2Vec2Model``
+ENCODER_PARTS = {"cnn": "feature_extractor.", "projection": "encoder.feature_projection.",
+                 "positional": "encoder.transformer.pos_conv_embed.",
+                 "layer 1": "encoder.transformer.layers.0.",
+                 "layer 2": "encoder.transformer.layers.1.",
+                 # before the layers (tiny and base models), else after them (unused here)
+                 "transformer norm": "encoder.transformer.layer_norm."}
+
+
+def trained_parts(net: SslAttn) -> set[str]:
+    """Encoder parts that got a gradient from one backward pass of a training batch."""
+    net.train()
+    waves = torch.randn(2, 1, 1, 8000)
+    net(waves, torch.tensor([8000, 5000]))["emotion"].sum().backward()
+    return {part for name, p in net.encoder.model.named_parameters() if p.grad is not None
+            for part, prefix in ENCODER_PARTS.items() if name.startswith(prefix)}
+
+
+def test_finetuning_features_are_the_waveform_and_record_the_pretrained_encoder(tmp_path):
+    path = save_tiny_encoder(tmp_path / "enc.pth")
+    extractor = SSLFeatures(encoder=None, checkpoint=str(path), finetune=True)
+    wave = torch.randn(16000)
+    assert torch.equal(extractor(wave), wave.reshape(1, 1, -1))
+    assert (extractor.out_channels, extractor.n_features, extractor.hop_length) == (1, 1, 1)
+    assert extractor(torch.randn(50)).shape == (1, 1, 400)  # padded to one encoder frame
+    config = extractor.config()
+    assert config["name"] == "waveform"
+    assert config["pretrained"] == {"encoder": None, "checkpoint": str(path.resolve()),
+                                    "builder": "wav2vec2_model", "digest": extractor.digest}
+    path.unlink()  # a fine-tuned model carries its encoder: the waveform stage needs no file
+    assert torch.equal(build_features(config)(wave), extractor(wave))
+
+
+def test_finetune_is_true_or_a_number_of_layers_that_run(tiny_checkpoint):
+    for finetune, layers in ((3, None), (2, [1]), ("yes", None)):
+        with pytest.raises(ValueError, match="feature.finetune"):
+            SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint), finetune=finetune,
+                        layers=layers)
+
+
+@pytest.mark.parametrize("builder", ["wav2vec2_model", "wavlm_model"])
+def test_the_networks_encoder_starts_as_the_frozen_one_and_ignores_padding(tmp_path, builder):
+    path = save_tiny_encoder(tmp_path / "enc.pth", builder)
+    frozen = SSLFeatures(encoder=None, checkpoint=str(path))
+    net = tiny_net(SSLFeatures(encoder=None, checkpoint=str(path), finetune=True)).eval()
+    waves = torch.randn(2, 16000)
+    waves[1, 9000:] = 0
+    hidden, frames = net.encoder(waves, torch.tensor([16000, 9000]))
+    assert frames.tolist() == [frozen.frames_for(16000), frozen.frames_for(9000)]
+    alone = frozen(waves[1, :9000]).float()
+    assert torch.allclose(hidden[1, ..., : frames[1]], alone, atol=2e-3)  # float16 cache
+    assert torch.allclose(hidden[0], frozen(waves[0]).float(), atol=2e-3)
+    batch = net(waves.reshape(2, 1, 1, -1), torch.tensor([16000, 9000]))
+    single = net(waves[1:, :9000].reshape(1, 1, 1, -1), torch.tensor([9000]))
+    assert torch.allclose(batch["emotion"][1], single["emotion"][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("builder", ["wav2vec2_model", "wavlm_model"])
+def test_finetune_true_trains_everything_above_the_convolutions(tmp_path, builder):
+    path = save_tiny_encoder(tmp_path / "enc.pth", builder)
+    net = tiny_net(SSLFeatures(encoder=None, checkpoint=str(path), finetune=True))
+    assert trained_parts(net) == {"projection", "positional", "transformer norm", "layer 1",
+                                  "layer 2"}
+    assert not any(p.requires_grad for p in net.encoder.model.feature_extractor.parameters())
+
+
+def test_finetune_n_trains_only_the_top_n_layers(tiny_checkpoint):
+    net = tiny_net(SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint), finetune=1))
+    assert trained_parts(net) == {"layer 2"}
+    assert net.encoder.model.encoder.transformer.layers[0].training is False  # no dropout
+
+
+def test_finetune_cnn_trains_the_convolutional_feature_extractor_too(tiny_checkpoint):
+    net = tiny_net(SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint), finetune=True,
+                               finetune_cnn=True))
+    assert "cnn" in trained_parts(net)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
+    grads = []
+    for checkpointing in (True, False):
+        torch.manual_seed(0)
+        net = tiny_net(SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint), finetune=True,
+                                   gradient_checkpointing=checkpointing)).train()
+        torch.manual_seed(1)
+        net(torch.randn(2, 1, 1, 8000), torch.tensor([8000, 6000]))["emotion"].sum().backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_the_encoder_trains_at_its_own_learning_rate(tiny_checkpoint):
+    from functools import partial
+
+    from ser_pipeline.module import SERModule
+
+    net = tiny_net(SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint), finetune=1))
+    module = SERModule(net, partial(torch.optim.AdamW, lr=1e-3), ["a", "b", "c", "d"],
+                       encoder_lr=1e-5)
+    groups = module.configure_optimizers().param_groups
+    assert [group["lr"] for group in groups] == [1e-3, 1e-5]
+    top_layer = set(net.encoder.model.encoder.transformer.layers[1].parameters())
+    assert set(groups[1]["params"]) == top_layer
+    assert all(p.requires_grad for group in groups for p in group["params"])
+
+
+def test_finetuning_needs_a_model_that_runs_the_encoder(tmp_path, tiny_checkpoint):
+    result = run_script("train.py", [
+        "feature=ssl", f"feature.checkpoint={tiny_checkpoint}", "feature.finetune=true",
+        "model=cnn_blstm_attn", "data.reader.n_speakers=4", "data.reader.utterances_per_class=2",
+        "logger=none"], tmp_path, TORCH_HOME=str(tmp_path / "no_torch_hub"))
+    assert result.returncode != 0 and "model=ssl_attn" in result.stderr
+
+
+def encoder_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    prefix = "encoder.model."
+    return {k.removeprefix(prefix): v for k, v in load_file(model_dir / "weights.safetensors")
+            .items() if k.startswith(prefix)}
+
+
+def finetune_run(tmp_path: Path, checkpoint: Path, finetune: str) -> Path:
+    """``train.py feature=ssl feature.finetune=<finetune> model=ssl_attn``: its model dir."""
+    args = ["feature=ssl", f"feature.checkpoint={checkpoint}", f"feature.finetune={finetune}",
+            "model=ssl_attn", "data.reader.n_speakers=4", "data.reader.utterances_per_class=4",
+            "trainer=debug", "trainer.enable_progress_bar=false", "model.net.projection_dim=16",
+            "model.net.attention_dim=8", "model.net.head_hidden=8"]
+    result = run_script("train.py", args, tmp_path, TORCH_HOME=str(tmp_path / "no_torch_hub"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return next((tmp_path / "outputs").rglob("model/model.yaml")).parent
+
+
+@pytest.mark.slow
+def test_finetuned_encoder_is_stored_with_the_net_and_infer_py_runs_it(tmp_path):
+    checkpoint = save_tiny_encoder(tmp_path / "tiny_w2v2.pth")
+    pretrained = torch.load(checkpoint, weights_only=True)["state_dict"]
+    model_dir = finetune_run(tmp_path, checkpoint, "true")
+    spec = read_spec(model_dir)
+    assert spec.features["name"] == "waveform"
+    assert spec.features["pretrained"]["digest"] == SSLFeatures(
+        encoder=None, checkpoint=str(checkpoint)).digest
+    assert spec.kwargs["encoder"]["finetune"] is True
+    tuned = encoder_weights(model_dir)
+    assert tuned.keys() == pretrained.keys()  # the whole encoder, in safetensors
+    changed = {k for k in tuned if not torch.equal(tuned[k], pretrained[k])}
+    assert any(k.startswith("encoder.transformer.layers.0.") for k in changed)
+    assert any(k.startswith("encoder.feature_projection.") for k in changed)
+    assert not any(k.startswith("feature_extractor.") for k in changed)  # the CNN is frozen
+
+    checkpoint.unlink()  # inference needs only the model directory
+    wav = sorted((tmp_path / "data" / "synthetic" / "wav").rglob("*.wav"))[0]
+    predicted = run_script("infer.py", ["--model", str(model_dir), "--json", str(wav)],
+                           tmp_path, TORCH_HOME=str(tmp_path / "no_torch_hub"))
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    [record] = [json.loads(line) for line in predicted.stdout.splitlines()]
+    own = Predictor.from_dir(model_dir).predict_file(wav)
+    assert record["emotion"] == own["emotion"]
+    for name, score in own["scores"].items():
+        assert record["scores"][name] == pytest.approx(score, abs=1e-6)
+    mlflow.set_tracking_uri(store_uri(tmp_path))
+    served = mlflow.pyfunc.load_model("models:/ser-synthetic-ssl_attn/1")
+    frame = served.predict(pd.DataFrame({"path": [str(wav)], "audio_base64": [""]}))
+    for name, score in own["scores"].items():
+        assert frame.loc[0, f"score_{name}"] == pytest.approx(score, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_finetune_one_layer_through_train_py_changes_only_the_top_layer(tmp_path,
+                                                                        tiny_checkpoint):
+    pretrained = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
+    tuned = encoder_weights(finetune_run(tmp_path, tiny_checkpoint, "1"))
+    changed = {k for k in tuned if not torch.equal(tuned[k], pretrained[k])}
+    assert changed and all(k.startswith("encoder.transformer.layers.1.") for k in changed)

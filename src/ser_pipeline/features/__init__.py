@@ -9,7 +9,7 @@ from torch import nn
 
 from ser_pipeline.features.logmel import LogMelFeatures
 
-KNOWN = ("logmel", "lld", "ssl", "opensmile")
+KNOWN = ("logmel", "lld", "ssl", "waveform", "opensmile")
 
 
 def build_features(config: dict[str, Any]) -> nn.Module:
@@ -26,6 +26,10 @@ def build_features(config: dict[str, Any]) -> nn.Module:
         from ser_pipeline.features.ssl import SSLFeatures
 
         return SSLFeatures(**options)
+    if name == "waveform":  # what a network that fine-tunes its encoder reads (feature.finetune)
+        from ser_pipeline.features.ssl import WaveformFeatures
+
+        return WaveformFeatures(**options)
     if name == "opensmile":
         from ser_pipeline.features.opensmile import OpenSmileFeatures
 

@@ -20,10 +20,20 @@ encoder runs in eval mode without gradients, so its outputs can be cached.
 
 ``config()`` records the bundle name, the checkpoint path, the builder and the sha256 of the
 weights; rebuilding from it (inference) refuses weights whose digest differs.
+
+Fine-tuning (``finetune=True`` or a number of top layers): the encoder becomes part of the
+network (``models.speech_encoder.SpeechEncoder`` inside ``model=ssl_attn``), so this stage
+yields the waveform instead (:class:`WaveformFeatures`, cached like any feature), hands the
+network its architecture (:meth:`SSLFeatures.network_kwargs`) and pretrained weights
+(:attr:`SSLFeatures.pretrained_encoder`), and ``config()`` is the waveform stage's, with the
+pretrained encoder's name, path, builder and digest recorded as provenance. A fine-tuned
+model directory holds the whole encoder in its weights, so inference needs neither the
+original file nor this class.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -145,6 +155,11 @@ class SSLFeatures(nn.Module):
     the weights found, so a model never runs on an encoder it was not trained with.
     ``device``: where the encoder runs (``auto``: CUDA when available); outputs are on the CPU.
     ``trim_db``: cut leading/trailing silence more than this below the loudest frame first.
+    ``finetune``: ``True`` (the whole encoder above its convolutions) or a number of top
+    layers to train inside the network; the output is then the waveform (module docstring).
+    ``finetune_cnn`` trains the convolutional feature extractor too; ``gradient_checkpointing``
+    recomputes the trainable layers' activations in the backward pass (less memory, one more
+    forward pass of those layers). Both are the network's settings, passed on by :meth:`network_kwargs`.
     """
 
     def __init__(
@@ -156,19 +171,19 @@ class SSLFeatures(nn.Module):
         builder: str | None = None,
         digest: str | None = None,
         device: str = "auto",
-        finetune: bool = False,
+        finetune: bool | int = False,
         trim_db: float | None = None,
+        finetune_cnn: bool = False,
+        gradient_checkpointing: bool = True,
     ) -> None:
         super().__init__()
-        if finetune:
-            raise NotImplementedError("feature.finetune=true is not implemented yet; the "
-                                      "encoder is frozen (its hidden states are cached)")
         if encoder is None and checkpoint is None:
             raise ValueError("feature=ssl needs feature.encoder=<torchaudio bundle name> or "
                              "feature.checkpoint=/path/model.pth")
         self.sample_rate = int(sample_rate)
         self.trim_db = trim_db
-        model, self.builder, self.encoder_name, files = self._load(encoder, checkpoint)
+        model, self.builder, self.encoder_name, files, architecture = self._load(encoder,
+                                                                                 checkpoint)
         self.checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
         self.digest = weights_digest(*files)
         if digest is not None and digest != self.digest:
@@ -191,14 +206,28 @@ class SSLFeatures(nn.Module):
         for conv in convs:  # receptive field and stride of the stacked 1-d convolutions
             self._receptive_field += (conv.kernel_size[0] - 1) * self._hop
             self._hop *= conv.stride[0]
+        self.finetune = finetune or False  # 0 is frozen too
+        if self.finetune is not False and self.finetune is not True and not (
+                type(self.finetune) is int and 1 <= self.finetune <= max(self.layers)):
+            raise ValueError(f"feature.finetune must be false, true (the whole encoder) or a "
+                             f"number of top layers in 1..{max(self.layers)}, not {finetune!r}")
+        self.waveform: WaveformFeatures | None = None
+        if self.finetune:  # the network runs the encoder: this stage yields the waveform
+            self._network = {**architecture, "layers": list(self.layers),
+                             "finetune": self.finetune, "finetune_cnn": bool(finetune_cnn),
+                             "gradient_checkpointing": bool(gradient_checkpointing)}
+            self.waveform = WaveformFeatures(self.sample_rate, trim_db, self._receptive_field,
+                                             pretrained=self._provenance())
+            device = "cpu"  # the encoder here is only where the network's weights start from
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder.to(device)
         self.device_name = device
 
     def _load(self, encoder: str | None, checkpoint: str | None
-              ) -> tuple[nn.Module, str, str | None, list[Path]]:
-        """(model, builder, bundle name or None, files the weights came from)."""
+              ) -> tuple[nn.Module, str, str | None, list[Path], dict[str, Any]]:
+        """(model, builder, bundle name or None, files the weights came from, architecture:
+        ``{"builder", "kwargs", "normalize_waveform"}`` in plain values)."""
         bundle = get_bundle(encoder) if encoder else None
         if bundle is not None and int(bundle.sample_rate) != self.sample_rate:
             raise ValueError(f"{encoder} expects {int(bundle.sample_rate)} Hz audio, not "
@@ -209,7 +238,9 @@ class SSLFeatures(nn.Module):
                 raise EncoderWeightsMissing(missing_weights_message(encoder))
             # the hub cache holds the file, so get_model reads it (unpickling refused)
             model = bundle.get_model(dl_kwargs={"weights_only": True, "progress": False})
-            return model, _BUNDLE_BUILDERS[bundle._model_type], encoder, [path]
+            builder = _BUNDLE_BUILDERS[bundle._model_type]
+            return model, builder, encoder, [path], _architecture(
+                builder, bundle._params, bundle._normalize_waveform)
         content, files = _read_checkpoint(Path(checkpoint))
         if "builder" in content:  # the file carries its architecture: it wins over encoder=
             builder, kwargs = content["builder"], dict(content.get("kwargs") or {})
@@ -238,7 +269,7 @@ class SSLFeatures(nn.Module):
             from torchaudio.pipelines._wav2vec2.utils import _extend_model
 
             model = _extend_model(model, normalize_waveform=True)
-        return model, builder, encoder, files
+        return model, builder, encoder, files, _architecture(builder, kwargs, normalize)
 
     @property
     def _model(self) -> nn.Module:
@@ -247,22 +278,40 @@ class SSLFeatures(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        return len(self.layers)
+        return self.waveform.out_channels if self.waveform is not None else len(self.layers)
 
     @property
     def n_features(self) -> int:
-        return self._dim
+        return self.waveform.n_features if self.waveform is not None else self._dim
 
     @property
     def hop_length(self) -> int:
         """Samples per output frame (the product of the convolution strides)."""
-        return self._hop
+        return self.waveform.hop_length if self.waveform is not None else self._hop
 
     def frames_for(self, num_samples: int) -> int:
         """Frames produced for ``num_samples`` samples (clips are padded to one frame)."""
+        if self.waveform is not None:
+            return self.waveform.frames_for(num_samples)
         return (max(num_samples, self._receptive_field) - self._receptive_field) // self._hop + 1
 
+    @property
+    def pretrained_encoder(self) -> nn.Module | None:
+        """Fine-tuning: the torchaudio ``Wav2Vec2Model`` the network's encoder starts from."""
+        return self._model if self.finetune else None
+
+    def network_kwargs(self) -> dict[str, Any]:
+        """Fine-tuning: ``{"encoder": ...}`` for the network (``SslAttn``): architecture,
+        layers and what trains, in plain values (they go into ``model.yaml``); else ``{}``."""
+        return {"encoder": copy.deepcopy(self._network)} if self.finetune else {}
+
+    def _provenance(self) -> dict[str, Any]:
+        return {"encoder": self.encoder_name, "checkpoint": self.checkpoint,
+                "builder": self.builder, "digest": self.digest}
+
     def config(self) -> dict[str, Any]:
+        if self.waveform is not None:
+            return self.waveform.config()
         return {
             "name": "ssl",
             "encoder": self.encoder_name,
@@ -285,7 +334,10 @@ class SSLFeatures(nn.Module):
 
         Items of a batch run one at a time: each one's output is what it gives alone (no
         padding reaches the attention; large bundles normalise each waveform on its own).
+        Fine-tuning: :class:`WaveformFeatures` instead, ``([batch,] 1, 1, samples)``.
         """
+        if self.waveform is not None:
+            return self.waveform(waveform)
         if waveform.dim() == 1:
             return self._hidden_states(waveform)
         return torch.stack([self._hidden_states(item) for item in waveform])
@@ -301,3 +353,57 @@ class SSLFeatures(nn.Module):
                                                   num_layers=max(self.layers))
         stacked = torch.stack([hidden[i - 1][0] for i in self.layers])  # (layers, frames, dim)
         return stacked.transpose(-1, -2).to("cpu", STORE_DTYPE)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: builder arguments as ``yaml.safe_dump`` writes them."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _architecture(builder: str, kwargs: dict[str, Any], normalize: bool) -> dict[str, Any]:
+    return {"builder": builder, "kwargs": _plain(dict(kwargs)),
+            "normalize_waveform": bool(normalize)}
+
+
+class WaveformFeatures(nn.Module):
+    """Waveform ``(time,)`` -> ``(1, 1, samples)`` float32: the input of a network that runs
+    the encoder itself (``feature.finetune``). ``([batch,] ...)`` for ``(batch, time)``.
+
+    ``trim_db`` cuts leading/trailing silence as the frozen path does; clips shorter than
+    ``min_samples`` (the encoder's receptive field, one frame) are zero-padded to it.
+    ``pretrained`` records where the network's encoder started (bundle name, checkpoint
+    path, builder, sha256): provenance only, nothing is loaded from it.
+    """
+
+    out_channels = 1
+    n_features = 1
+    hop_length = 1
+
+    def __init__(self, sample_rate: int = 16000, trim_db: float | None = None,
+                 min_samples: int = 400, pretrained: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.sample_rate, self.trim_db = int(sample_rate), trim_db
+        self.min_samples = int(min_samples)
+        self.pretrained = dict(pretrained or {})
+
+    def frames_for(self, num_samples: int) -> int:
+        return max(num_samples, self.min_samples)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": "waveform", "sample_rate": self.sample_rate, "trim_db": self.trim_db,
+                "min_samples": self.min_samples, "pretrained": dict(self.pretrained)}
+
+    @torch.no_grad()
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if waveform.dim() == 2:
+            return torch.stack([self(item) for item in waveform])
+        if self.trim_db is not None:
+            waveform = trim_silence(waveform, self.sample_rate, self.trim_db)
+        wave = waveform.float().reshape(1, 1, -1)
+        if wave.shape[-1] < self.min_samples:
+            wave = nn.functional.pad(wave, (0, self.min_samples - wave.shape[-1]))
+        return wave

@@ -1,6 +1,12 @@
-"""A head for self-supervised encoder features: weighted layer sum -> attention pooling."""
+"""A head for self-supervised encoder features: weighted layer sum -> attention pooling.
+
+With ``encoder=`` (``feature.finetune``) the network runs the encoder itself on the waveform
+and fine-tunes it (:class:`~ser_pipeline.models.speech_encoder.SpeechEncoder`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -8,6 +14,7 @@ from torch import nn
 from ser_pipeline.models.heads import EmotionHeads
 from ser_pipeline.models.layers import FunctionalsBranch, fuse, length_mask
 from ser_pipeline.models.pooling import AttentionPooling
+from ser_pipeline.models.speech_encoder import SpeechEncoder
 
 
 class SslAttn(nn.Module):
@@ -21,6 +28,14 @@ class SslAttn(nn.Module):
     gives the utterance embedding ``(batch, projection_dim)``, then :class:`EmotionHeads`.
     ``fusion_dim > 0`` appends a :class:`FunctionalsBranch` vector of the mixed sequence's
     utterance functionals (of the ``dim`` rows: the layer mix, not every layer) to it.
+
+    ``encoder``: fine-tuning (``feature=ssl feature.finetune=true|N``). The input is then the
+    waveform ``(batch, 1, 1, samples)`` with ``lengths`` in samples, and ``encoder`` holds the
+    :class:`SpeechEncoder` arguments (architecture, layers, what trains: what
+    ``SSLFeatures.network_kwargs`` gives); ``in_channels`` / ``n_features`` (1, 1) describe
+    that input, the layer count and dimension come from the encoder. Each layer's hidden
+    states are layer-normalised over their dimension (no affine), standing in for the
+    frozen path's z-scoring with training statistics.
     """
 
     def __init__(
@@ -37,8 +52,12 @@ class SslAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        encoder: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.encoder = SpeechEncoder(**encoder) if encoder else None
+        if self.encoder is not None:
+            in_channels, n_features = self.encoder.out_channels, self.encoder.dim
         # zeros: every layer starts with the same weight, 1 / layers
         self.layer_logits = nn.Parameter(torch.zeros(in_channels))
         self.projection = nn.Sequential(nn.Linear(n_features, projection_dim), nn.ReLU(),
@@ -62,8 +81,28 @@ class SslAttn(nn.Module):
         mixed = self.mix_layers(features).transpose(1, 2)  # (batch, frames, dim)
         return self.attention(self.projection(mixed), length_mask(lengths, features.shape[-1]))
 
+    def hidden_states(self, features: torch.Tensor, lengths: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(batch, layers, dim, frames)`` encoder outputs and their lengths: ``features``
+        as given, or (``encoder=``) the encoder run on the waveform ``(batch, 1, 1, samples)``."""
+        if self.encoder is None:
+            return features, lengths
+        hidden, frames = self.encoder(features[:, 0, 0], lengths)
+        normed = nn.functional.layer_norm(hidden.transpose(-1, -2), hidden.shape[-2:-1])
+        return normed.transpose(-1, -2) * length_mask(frames, hidden.shape[-1])[:, None, None], frames
+
+    def parameter_groups(self, encoder_lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups: the encoder's trainable parameters at ``encoder_lr``, the rest at
+        the optimizer's own rate (frozen parameters are left out)."""
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad] if self.encoder else []
+        in_encoder = {id(p) for p in encoder}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_encoder]
+        return [group for group in ({"params": rest}, {"params": encoder, "lr": encoder_lr})
+                if group["params"]]
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
+        features, lengths = self.hidden_states(features, lengths)
         embedding = self.encode(features, lengths)
         if self.fusion is None:
             return self.heads(embedding)
