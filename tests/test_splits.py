@@ -86,3 +86,28 @@ def test_out_of_range_fold_is_a_clear_error():
 def test_unknown_protocol_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown split protocol"):
         make_split(manifest(), "bogus", 0)
+
+
+def two_corpora() -> pd.DataFrame:
+    core, extra = manifest(n_speakers=4), manifest(n_speakers=3)
+    extra["id"], extra["speaker"], extra["corpus"] = ("x_" + extra["id"], "x_" + extra["speaker"],
+                                                      "extra")
+    return pd.concat([core, extra], ignore_index=True)
+
+
+def test_train_only_corpora_are_in_every_training_set_and_never_tested():
+    frame = two_corpora()
+    extra_ids = set(frame.loc[frame["corpus"] == "extra", "id"])
+    n = count_folds(frame, "loso", train_only=["extra"])
+    assert n == 4  # the folds are the core corpus's speakers only
+    for fold in range(n):
+        split = make_split(frame, "loso", fold, train_only=["extra"])
+        assert extra_ids <= set(split.train)
+        assert not extra_ids & (set(split.val) | set(split.test))
+        assert speakers(frame, split.test) == {f"s{fold:02d}"}
+        assert split.speaker_independent
+
+
+def test_train_only_must_leave_a_corpus_to_test_on():
+    with pytest.raises(ValueError, match="some but not all"):
+        make_split(two_corpora(), "loso", 0, train_only=["toy", "extra"])

@@ -31,7 +31,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ser_pipeline.audio import read_audio
 from ser_pipeline.corpora.labels import select_classes
-from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS, validate_manifest
+from ser_pipeline.corpora.manifest import (
+    DIMENSIONS,
+    GENDERS,
+    validate_manifest,
+    write_manifest,
+)
 from ser_pipeline.features.batching import (
     FeatureStats,
     normalise_utterances,
@@ -39,6 +44,7 @@ from ser_pipeline.features.batching import (
     remove_level,
 )
 from ser_pipeline.features.cache import FeatureCache, extract_features
+from ser_pipeline.files import atomic_write_text
 from ser_pipeline.splits import Split, make_split
 
 log = logging.getLogger(__name__)
@@ -194,6 +200,7 @@ class SERDataModule(pl.LightningDataModule):
         normalization: str = "global",
         manifest: str | None = None,
         missing: str = "fail",
+        train_only: list[str] | None = None,
     ) -> None:
         # ``manifest``/``missing``: data=manifest's table and missing-audio policy; its reader
         # config reads them (``root: ${.manifest}``), they are only accepted here
@@ -204,7 +211,8 @@ class SERDataModule(pl.LightningDataModule):
         self.classes = list(classes or [])
         self.label_map = dict(label_map or {})
         self.split_options = dict(protocol=split, fold=fold, group_by=group_by, n_folds=n_folds,
-                                  val_speakers=val_speakers, seed=seed)
+                                  val_speakers=val_speakers, seed=seed,
+                                  train_only=list(train_only or []))
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_seconds, self.cache_dir = max_seconds, cache_dir
         self.seed, self.progress = seed, progress
@@ -358,12 +366,10 @@ class SERDataModule(pl.LightningDataModule):
         part_of = {i: part for part, ids in (("train", self.split.train), ("val", self.split.val),
                                              ("test", self.split.test)) for i in ids}
         table = self.manifest.assign(part=self.manifest["id"].map(part_of))
-        manifest_path, split_path = folder / "manifest.csv", folder / "split.json"
-        table.to_csv(manifest_path, index=False)
-        split_path.write_text(json.dumps({**self.split.summary(), "train": self.split.train,
-                                          "val": self.split.val, "test": self.split.test},
-                                         indent=1))
-        return [manifest_path, split_path]
+        split = {**self.split.summary(), "train": self.split.train, "val": self.split.val,
+                 "test": self.split.test}
+        return [write_manifest(table, folder / "manifest.csv"),
+                atomic_write_text(folder / "split.json", json.dumps(split, indent=1))]
 
     @property
     def has_gender(self) -> bool:

@@ -19,7 +19,8 @@ speakers are pairwise disjoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -56,9 +57,12 @@ class Split:
 
 
 def count_folds(
-    manifest: pd.DataFrame, protocol: str = "loso", group_by: str = "speaker", n_folds: int = 5
+    manifest: pd.DataFrame, protocol: str = "loso", group_by: str = "speaker", n_folds: int = 5,
+    train_only: Sequence[str] = (),
 ) -> int:
-    """How many folds ``protocol`` has on this manifest."""
+    """How many folds ``protocol`` has on this manifest (``train_only`` corpora left out)."""
+    if len(train_only):
+        manifest = manifest[~manifest["corpus"].isin(list(train_only))]
     if protocol == "loso":
         return manifest[group_by].nunique()
     if protocol == "ltso":
@@ -143,8 +147,22 @@ def make_split(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
+    train_only: Sequence[str] = (),
 ) -> Split:
-    """Split ``manifest`` into train/val/test utterance ids for ``fold``."""
+    """Split ``manifest`` into train/val/test utterance ids for ``fold``.
+
+    ``train_only``: corpora (the manifest's ``corpus`` values, e.g. ``data=emodb_ravdess``'s
+    ``ravdess``) whose utterances are all training data: the folds, test and validation
+    speakers come from the other corpora only (more data, the test speakers still unseen).
+    """
+    if len(train_only):
+        extra = manifest["corpus"].isin(list(train_only)).to_numpy()
+        if extra.all() or not extra.any():
+            raise ValueError(f"data.train_only={list(train_only)} must name some but not all of "
+                             f"the corpora {sorted(manifest['corpus'].unique())}")
+        split = make_split(manifest[~extra], protocol, fold, group_by, n_folds, val_speakers,
+                           val_fraction, test_fraction, seed)
+        return replace(split, train=sorted([*split.train, *manifest.loc[extra, "id"]]))
     total = count_folds(manifest, protocol, group_by, n_folds)
     if not 0 <= fold < total:
         raise ValueError(f"fold {fold} out of range: protocol '{protocol}' has {total} folds")

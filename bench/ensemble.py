@@ -1,0 +1,114 @@
+"""Late fusion of finished cross-validations, fold for fold.
+
+Several ``train.py ... data.fold=all`` runs on the same folds (for example the deep recipe and
+``model=svm``, or one recipe with several seeds) give, for each fold ``k``, one model per run
+(``<cv-dir>/fold<k>/model``). This averages the fold models' class probabilities on that
+fold's test speakers through the inference path (:class:`EnsemblePredictor`, as
+``infer.py --model A --model B`` does) and reports the ensemble's and each member's UAR / WA /
+macro-F1 per fold (mean ± std). The members are weighted equally: no weight is fitted, so
+nothing is chosen on the test speakers. Runs whose folds do not hold the same test speakers
+are refused.
+
+Example::
+
+    python bench/ensemble.py --cv-dir outputs/train/<deep-run> --cv-dir outputs/train/<svm-run> \\
+        --name emodb-loso-recipe+svm
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python bench/ensemble.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    command_line,
+    format_table,
+    machine_info,
+    mean_std,
+    started_at,
+    write_result,
+)
+from bench.robustness import fold_models, read_corpus  # noqa: E402
+from ser_pipeline.metrics import label_scores, summarise_folds  # noqa: E402
+
+METRICS = ("uar", "wa", "f1")
+
+
+def fold_test_speakers(model_dir: Path) -> list[str]:
+    from ser_pipeline.artifact import load_model_dir
+
+    return sorted(map(str, load_model_dir(model_dir).spec.info["split"]["test_speakers"]))
+
+
+def evaluate_fold(model_dirs: list[Path], manifest: Any) -> dict[str, Any]:
+    """Ensemble and member scores of one fold's models on that fold's test speakers."""
+    from ser_pipeline.audio import read_audio
+    from ser_pipeline.inference import EnsemblePredictor, Predictor
+
+    speakers = [fold_test_speakers(d) for d in model_dirs]
+    if any(s != speakers[0] for s in speakers):
+        raise SystemExit(f"the runs' folds hold different test speakers: {speakers}")
+    ensemble = EnsemblePredictor.from_dirs(model_dirs)
+    rows = manifest[manifest["speaker"].astype(str).isin(speakers[0])
+                    & manifest["emotion"].isin(ensemble.classes)]
+    waves = [read_audio(p, ensemble.sample_rate) for p in rows["path"]]
+    truth = rows["emotion"].tolist()
+
+    def score(predictor: Predictor) -> dict[str, float]:
+        return label_scores(truth, [predictor.predict_waveform(w)["emotion"] for w in waves])
+
+    members = [score(Predictor.from_dir(d)) for d in model_dirs] if len(model_dirs) > 1 else []
+    return {"test_speakers": speakers[0], "utterances": len(rows),
+            "ensemble": score(ensemble), "members": members}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench/ensemble.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--cv-dir", type=Path, action="append", required=True,
+                        help="output folder of a data.fold=all run (repeat: one per member)")
+    parser.add_argument("--corpus", default="emodb", help="the corpus the folds were trained on")
+    parser.add_argument("--root", help="its folder (default: the data config's root)")
+    parser.add_argument("--name", required=True, help="result file suffix")
+    parser.add_argument("--label", help="what the members are (stored in the result)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    begun, started = started_at(), time.perf_counter()
+    runs = [fold_models(d) for d in args.cv_dir]
+    if len({len(r) for r in runs}) != 1:
+        raise SystemExit(f"the runs have different fold counts: {[len(r) for r in runs]}")
+    manifest = read_corpus(args.corpus, args.root)
+    folds = [evaluate_fold(list(dirs), manifest) for dirs in zip(*runs, strict=True)]
+    result: dict[str, Any] = {
+        "benchmark": "ensemble", "corpus": args.corpus, "label": args.label,
+        "cv_dirs": [str(d) for d in args.cv_dir], "n_folds": len(folds),
+        "ensemble": summarise_folds([f["ensemble"] for f in folds], METRICS),
+        "members": [summarise_folds([f["members"][i] for f in folds], METRICS)
+                    for i in range(len(args.cv_dir))] if len(args.cv_dir) > 1 else [],
+        "folds": folds, "command": command_line("bench/ensemble.py", argv),
+        "started_at": begun, "machine": machine_info()}
+    rows = [[f"member {i}: {d}", *(mean_std(m["mean"][k], m["std"][k]) for k in METRICS)]
+            for i, (d, m) in enumerate(zip(args.cv_dir, result["members"], strict=False))]
+    rows.append(["ensemble (mean of probabilities)",
+                 *(mean_std(result["ensemble"]["mean"][k], result["ensemble"]["std"][k])
+                   for k in METRICS)])
+    print(format_table(["model", "UAR", "WA", "macro-F1"], rows))
+    result["wall_seconds"] = time.perf_counter() - started
+    path = write_result(result, f"ensemble-{args.name}", args.results_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
