@@ -135,3 +135,13 @@ def test_a_trimming_extractor_sees_the_same_speech_with_and_without_padding():
     padded = torch.cat([torch.zeros(4000), speech, torch.zeros(4000)])
     assert abs(extractor(padded).shape[-1] - extractor(speech).shape[-1]) <= 4
     assert extractor.config()["trim_db"] == 40.0
+
+
+def test_a_quiet_recording_with_digital_silence_shifts_log_mels_by_the_gain_alone():
+    # RAVDESS-like: speech at -34 dBFS peak, then zeros. Turned down 20 dB, every log-mel value
+    # (speech, and the silence floored top_db below the peak) drops by 20 dB: an absolute power
+    # floor (torchaudio's default 1e-10) would leave the silence where it was
+    wave = torch.cat([speech_like(1, peak=0.02)[0], torch.zeros(8000)])
+    extractor = LogMelFeatures()
+    original, quieter = extractor(wave), extractor(gained(wave, -20.0))
+    assert torch.allclose(original - quieter, torch.full_like(original, 20.0), atol=0.05)

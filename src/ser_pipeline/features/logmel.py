@@ -57,8 +57,14 @@ class LogMelFeatures(nn.Module):
         deltas: bool = False,
         delta_win_length: int = 5,
         trim_db: float | None = None,
+        amin: float = 1e-20,
     ) -> None:
         super().__init__()
+        # the power floor before the log. torchaudio's AmplitudeToDB fixes it at 1e-10
+        # (-100 dB, absolute): a quiet recording's silence then sits on that floor instead of
+        # top_db below its own peak, so turning the gain down changes the features' shape, not
+        # only their level. 1e-20 keeps the floor relative (top_db) for any level float32 holds
+        self.amin = amin
         # leading/trailing silence cut before extraction (dB below the loudest frame)
         self.trim_db = trim_db
         self.sample_rate, self.n_fft, self.win_length = sample_rate, n_fft, win_length
@@ -78,7 +84,6 @@ class LogMelFeatures(nn.Module):
             norm="slaney",
             mel_scale="slaney",
         )
-        self.to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=top_db)
         self.compute_deltas = torchaudio.transforms.ComputeDeltas(win_length=delta_win_length)
 
     @property
@@ -103,6 +108,7 @@ class LogMelFeatures(nn.Module):
             "top_db": self.top_db,
             "deltas": self.deltas,
             "delta_win_length": self.delta_win_length,
+            "amin": self.amin,
         }
 
     @torch.no_grad()
@@ -111,9 +117,11 @@ class LogMelFeatures(nn.Module):
         if self.trim_db is not None:
             waveform = trim_silence(waveform, self.sample_rate, self.trim_db)
         waveform = pad_for_stft(waveform, self.n_fft)
-        # (..., 1, n_mels, frames): AmplitudeToDB floors top_db below the max over the last
+        # (..., 1, n_mels, frames): amplitude_to_DB floors top_db below the max over the last
         # three dims, so the singleton channel keeps that floor per item, not per batch
-        logmel = self.to_db(self.mel(waveform).unsqueeze(-3)).squeeze(-3)
+        logmel = torchaudio.functional.amplitude_to_DB(
+            self.mel(waveform).unsqueeze(-3), multiplier=10.0, amin=self.amin, db_multiplier=0.0,
+            top_db=self.top_db).squeeze(-3)
         if not self.deltas:
             return logmel.unsqueeze(-3)
         delta = self.compute_deltas(logmel)
