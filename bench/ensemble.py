@@ -48,25 +48,42 @@ def fold_test_speakers(model_dir: Path) -> list[str]:
 
 
 def evaluate_fold(model_dirs: list[Path], manifest: Any) -> dict[str, Any]:
-    """Ensemble and member scores of one fold's models on that fold's test speakers."""
+    """Ensemble and member scores of one fold's models on that fold's test speakers.
+
+    Each member scores every utterance once; the ensemble is the mean of their class
+    probabilities, which is what :class:`EnsemblePredictor` computes (checked on the first
+    utterances, so the figure is the one ``infer.py --model A --model B`` gives).
+    """
+    import numpy as np
+
     from ser_pipeline.audio import read_audio
     from ser_pipeline.inference import EnsemblePredictor, Predictor
 
     speakers = [fold_test_speakers(d) for d in model_dirs]
     if any(s != speakers[0] for s in speakers):
         raise SystemExit(f"the runs' folds hold different test speakers: {speakers}")
-    ensemble = EnsemblePredictor.from_dirs(model_dirs)
+    members = [Predictor.from_dir(d) for d in model_dirs]
+    classes = members[0].classes
     rows = manifest[manifest["speaker"].astype(str).isin(speakers[0])
-                    & manifest["emotion"].isin(ensemble.classes)]
-    waves = [read_audio(p, ensemble.sample_rate) for p in rows["path"]]
+                    & manifest["emotion"].isin(classes)]
+    waves = [read_audio(p, members[0].sample_rate) for p in rows["path"]]
     truth = rows["emotion"].tolist()
+    probabilities = np.array([[[r["scores"][c] for c in classes]
+                               for r in map(member.predict_waveform, waves)]
+                              for member in members])  # (members, utterances, classes)
+    mean = probabilities.mean(0)
+    if len(members) > 1:
+        ensemble = EnsemblePredictor(members)
+        for wave, expected in zip(waves[:3], mean[:3], strict=False):
+            got = ensemble.predict_waveform(wave)["scores"]
+            if not np.allclose([got[c] for c in classes], expected, atol=1e-5):
+                raise AssertionError("EnsemblePredictor disagrees with the mean of its members")
 
-    def score(predictor: Predictor) -> dict[str, float]:
-        return label_scores(truth, [predictor.predict_waveform(w)["emotion"] for w in waves])
+    def score(probs: np.ndarray) -> dict[str, float]:
+        return label_scores(truth, [classes[i] for i in probs.argmax(1)])
 
-    members = [score(Predictor.from_dir(d)) for d in model_dirs] if len(model_dirs) > 1 else []
-    return {"test_speakers": speakers[0], "utterances": len(rows),
-            "ensemble": score(ensemble), "members": members}
+    return {"test_speakers": speakers[0], "utterances": len(rows), "ensemble": score(mean),
+            "members": [score(p) for p in probabilities] if len(members) > 1 else []}
 
 
 def build_parser() -> argparse.ArgumentParser:
