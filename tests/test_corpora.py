@@ -15,10 +15,12 @@ from ser_pipeline.corpora import (
     read_cremad,
     read_emodb,
     read_iemocap,
+    read_manifest,
     read_msppodcast,
     read_ravdess,
     select_classes,
     validate_manifest,
+    write_manifest,
 )
 from tests.corpus_trees import (
     CREMAD_FILES,
@@ -316,3 +318,15 @@ def test_data_msppodcast_config_reads_the_tree_with_its_official_split(tmp_path)
     split = make_split(datamodule.load_manifest(), **datamodule.split_options)
     assert split.protocol == "predefined" and split.speaker_independent
     assert split.test == ["MSP-PODCAST_0005_0002"]  # Test1 within the 4 default classes
+
+
+def test_a_manifest_written_to_disk_reads_back_identical(tmp_path):
+    """What a run's manifest.csv holds is what the next step (a fold worker) reads."""
+    manifest = make_manifest([
+        {"id": "03a01Fa", "path": "/c/wav/03a01Fa.wav", "emotion": "anger", "speaker": "03",
+         "gender": "male", "corpus": "emodb", "session": "1"},
+        {"id": "0012", "path": "/c/wav/0012.wav", "emotion": "sadness", "speaker": "10",
+         "gender": None, "corpus": "emodb", "valence": 2.5, "arousal": 1.0, "session": "2"},
+    ]).assign(duration=[1.25, 2.0])
+    again = read_manifest(write_manifest(manifest, tmp_path / "run" / "manifest.csv"))
+    pd.testing.assert_frame_equal(again, manifest)  # zeros kept, blanks missing, floats floats

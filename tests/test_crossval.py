@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from ser_pipeline import tracking
-from ser_pipeline.crossval import fold_config, summarise_folds
+from ser_pipeline.corpora import read_manifest, read_synthetic, write_manifest
+from ser_pipeline.crossval import _fold_worker, fold_config, summarise_folds
 from ser_pipeline.splits import count_folds, make_split
 from tests.e2e import FAST, REPO, project_env, run_script, store_uri
 
@@ -147,6 +152,45 @@ def test_two_worker_processes_give_the_sequential_folds_results(cross_validated,
     for parallel_run, sequential_run in zip(folds, sequential, strict=True):
         for metric in ("test/uar", "test/wa", "test/loss"):
             assert parallel_run.data.metrics[metric] == sequential_run.data.metrics[metric]
+
+
+@pytest.mark.slow
+def test_the_parent_writes_and_logs_the_manifest_every_fold_reads(cross_validated):
+    root, _, client, parent, folds = cross_validated
+    [manifest_file] = root.glob("outputs/train/*/manifest.csv")  # the parent's folder
+    manifest = read_manifest(manifest_file)
+    assert "data/manifest.csv" in {a.path for a in client.list_artifacts(parent.info.run_id,
+                                                                         "data")}
+    for fold in range(len(folds)):
+        used = read_manifest(manifest_file.parent / f"fold{fold}" / "manifest.csv")
+        assert set(used["id"]) <= set(manifest["id"])
+
+
+@pytest.mark.slow
+def test_a_worker_trains_its_fold_from_the_manifest_file_alone(tmp_path):
+    """A worker gets the manifest's path, not a table: its data.root does not even exist."""
+    corpus = read_synthetic(tmp_path / "corpus", n_speakers=4, utterances_per_class=4)
+    manifest = write_manifest(corpus, tmp_path / "cv" / "manifest.csv")
+    overrides = [o for o in FAST if not o.startswith("data.")]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            *overrides, "data=manifest", f"data.manifest={tmp_path / 'absent.csv'}",
+            "data.val_speakers=1", "data.progress=false", "logger=none",
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'cv'}"])
+    jobs, results = queue.Queue(), queue.Queue()
+    jobs.put(0)
+    jobs.put(None)
+    threads = torch.get_num_threads()
+    try:
+        _fold_worker(OmegaConf.to_container(cfg, resolve=True), str(manifest),
+                     str(tmp_path / "cv"), None, 1, jobs, results, threading.Event())
+    finally:
+        torch.set_num_threads(threads)
+    fold, kind, outcome = results.get_nowait()
+    assert (fold, kind) == (0, "done"), outcome
+    used = read_manifest(tmp_path / "cv" / "fold0" / "manifest.csv")
+    assert set(used["id"]) <= set(corpus["id"])
+    assert set(outcome["row"]["test_speakers"]) <= set(corpus["speaker"])
 
 
 def test_a_failing_fold_stops_the_workers_and_fails_the_run(tmp_path):

@@ -7,8 +7,10 @@ per fold (each a normal :func:`ser_pipeline.training.train` run in
 standard deviation (``cv/uar_mean``, ``cv/uar_std``, ... for UAR, WA, macro-F1 and
 the best validation UAR) and the test confusion matrix summed over folds.
 
-The corpus is read once and handed to every fold; features come from the
-on-disk cache after the first fold, so folds after the first skip extraction.
+The corpus is read once and written to ``<output_dir>/manifest.csv`` (logged on the parent
+run as ``data/manifest.csv``); every fold, in this process or a worker, reads that file, never
+the corpus folder or a pickled table. Features come from the on-disk cache after the first
+fold, so folds after the first skip extraction.
 Fold models are logged but not registered: they are evaluation by-products,
 not candidates for the model registry.
 
@@ -40,7 +42,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -53,6 +54,7 @@ from ser_pipeline.callbacks import (
     release_held_signals,
     signals_held,
 )
+from ser_pipeline.corpora.manifest import read_manifest, write_manifest
 from ser_pipeline.data import SERDataModule
 from ser_pipeline.metrics import summarise_folds as summarise_metrics
 from ser_pipeline.splits import Split, count_folds, make_split
@@ -69,10 +71,14 @@ FoldCallbacks = Callable[[int], list[pl.Callback]]
 StopAfterFold = Callable[[int, dict[str, Any]], bool]
 
 
-def _datamodule(cfg: DictConfig, manifest: pd.DataFrame) -> SERDataModule:
-    """The configured data module, reading ``manifest`` instead of the corpus folder."""
+#: the corpus manifest every fold reads, in the cross-validation's output folder
+MANIFEST_FILE = "manifest.csv"
+
+
+def _datamodule(cfg: DictConfig, manifest: Path) -> SERDataModule:
+    """The configured data module, reading the ``manifest`` file instead of the corpus folder."""
     return instantiate(cfg.data, features=instantiate(cfg.feature),
-                       reader=lambda root: manifest.copy(), _convert_="partial")
+                       reader=lambda _root: read_manifest(manifest), _convert_="partial")
 
 
 def fold_config(cfg: DictConfig, fold: int, output_dir: Path) -> DictConfig:
@@ -90,7 +96,7 @@ def summarise_folds(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return summarise_metrics(folds, FOLD_METRICS)
 
 
-def fold_splits(cfg: DictConfig, manifest: pd.DataFrame) -> list[Split]:
+def fold_splits(cfg: DictConfig, manifest: Path) -> list[Split]:
     """Every fold's split, as each fold's data module will make it (class selection included)."""
     probe = _datamodule(cfg, manifest)
     selected = probe.load_manifest()
@@ -131,10 +137,10 @@ def _cross_validate(cfg: DictConfig, stop: StopOnSignal, parent_run_id: str | No
                     extra_tags: dict[str, str] | None) -> dict[str, Any]:
     experiment_id = tracking.setup_tracking(cfg)
     reader = instantiate(cfg.data.reader)
-    manifest = reader(cfg.data.root)
+    output_dir = Path(cfg.paths.output_dir)
+    manifest = write_manifest(reader(cfg.data.root), output_dir / MANIFEST_FILE)
     splits = fold_splits(cfg, manifest)
     n_folds, protocol = len(splits), splits[0].protocol
-    output_dir = Path(cfg.paths.output_dir)
     if not all(split.speaker_independent for split in splits):
         log.warning("cross-validating the SPEAKER-DEPENDENT split '%s'", protocol)
     log.info("cross-validation: %d folds of '%s' on %s", n_folds, protocol, cfg.data.name)
@@ -148,13 +154,14 @@ def _cross_validate(cfg: DictConfig, stop: StopOnSignal, parent_run_id: str | No
     with tracking.tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
         tracking.log_params(tracking.flatten_config(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
+        mlflow.log_artifact(str(manifest), "data")
         summary = _run_folds(cfg, manifest, n_folds, output_dir, run.info.run_id, stop,
                              fold_callbacks, stop_after_fold)
         _log_summary(summary)
     return summary
 
 
-def _train_fold(cfg: DictConfig, fold: int, output_dir: Path, manifest: pd.DataFrame,
+def _train_fold(cfg: DictConfig, fold: int, output_dir: Path, manifest: Path,
                 run_id: str | None, callbacks: list[pl.Callback] | None,
                 stop: StopOnSignal) -> dict[str, Any]:
     """Train and test one fold: its summary row, test confusion counts and class names."""
@@ -172,7 +179,7 @@ def _train_fold(cfg: DictConfig, fold: int, output_dir: Path, manifest: pd.DataF
             "predictions": result.get("predictions")}
 
 
-def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
+def _run_folds(cfg: DictConfig, manifest: Path, n_folds: int, output_dir: Path,
                run_id: str | None, stop: StopOnSignal, fold_callbacks: FoldCallbacks | None,
                stop_after_fold: StopAfterFold | None) -> dict[str, Any]:
     workers = min(int(OmegaConf.select(cfg, "cv.workers", default=1) or 1), n_folds)
@@ -212,7 +219,7 @@ def _run_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir
             "predictions": pooled or None}
 
 
-def _parallel_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, output_dir: Path,
+def _parallel_folds(cfg: DictConfig, manifest: Path, n_folds: int, output_dir: Path,
                     run_id: str | None, workers: int, stop: StopOnSignal) -> list[dict[str, Any]]:
     """Every fold's result (in fold order), trained by ``workers`` processes.
 
@@ -235,7 +242,8 @@ def _parallel_folds(cfg: DictConfig, manifest: pd.DataFrame, n_folds: int, outpu
     resolved["paths"] = OmegaConf.to_container(cfg.paths, resolve=True)
     processes = [context.Process(
         target=_fold_worker, name=f"cv-worker-{i}",
-        args=(resolved, manifest, str(output_dir), run_id, threads, jobs, results, stop_workers))
+        args=(resolved, str(manifest), str(output_dir), run_id, threads, jobs, results,
+              stop_workers))
         for i in range(workers)]
     log.info("cross-validation: %d worker processes, %d thread(s) each", workers, threads)
     done: dict[int, dict[str, Any]] = {}
@@ -280,9 +288,12 @@ def _wait_for(processes: list[Any], grace_s: float = 300.0) -> None:
             process.join()
 
 
-def _fold_worker(resolved: dict, manifest: pd.DataFrame, output_dir: str, run_id: str | None,
+def _fold_worker(resolved: dict, manifest: str, output_dir: str, run_id: str | None,
                  threads: int, jobs: Any, results: Any, stop_workers: Any) -> None:
     """A worker process: train folds from ``jobs`` until told to stop; report to ``results``.
+
+    It receives the config and the path of the cross-validation's ``manifest.csv`` (plain
+    values, nothing pickled beyond them); each fold's data module reads that file.
 
     Results are ``(fold, "done" | "failed" | "interrupted", summary | traceback | reason)``.
     """
@@ -303,8 +314,8 @@ def _fold_worker(resolved: dict, manifest: pd.DataFrame, output_dir: str, run_id
             if (fold := jobs.get()) is None:
                 return
             try:
-                results.put((fold, "done", _train_fold(cfg, fold, Path(output_dir), manifest,
-                                                       run_id, None, stop)))
+                results.put((fold, "done", _train_fold(cfg, fold, Path(output_dir),
+                                                       Path(manifest), run_id, None, stop)))
             except (KeyboardInterrupt, SystemExit) as stopped:  # its run ended KILLED
                 results.put((fold, "interrupted", repr(stopped)))
                 return

@@ -3,6 +3,8 @@
 Every reader has the signature ``read_<corpus>(root, **options) -> DataFrame`` and
 returns :func:`make_manifest` rows (see :data:`MANIFEST_COLUMNS`) with canonical
 emotion names (:data:`EMOTIONS`). Nothing after this package looks at a corpus layout.
+``conf/data/<name>.yaml`` names its reader as ``reader._target_``; :func:`write_manifest`
+and :func:`read_manifest` keep a manifest on disk (a run's ``manifest.csv``).
 """
 
 from __future__ import annotations
@@ -17,31 +19,21 @@ from ser_pipeline.corpora.manifest import (
     MANIFEST_COLUMNS,
     CorpusNotFoundError,
     make_manifest,
+    read_manifest,
     require_layout,
     validate_manifest,
+    write_manifest,
 )
 from ser_pipeline.corpora.msppodcast import read_msppodcast
 from ser_pipeline.corpora.ravdess import read_ravdess
 from ser_pipeline.corpora.synthetic import generate_synthetic_corpus, read_synthetic
 from ser_pipeline.corpora.table import TableError, read_table
 
-#: Reader per corpus name, as used by ``conf/data/<name>.yaml``.
-READERS = {
-    "synthetic": read_synthetic,
-    "emodb": read_emodb,
-    "ravdess": read_ravdess,
-    "iemocap": read_iemocap,
-    "cremad": read_cremad,
-    "msppodcast": read_msppodcast,
-    "manifest": read_table,
-}
-
 __all__ = [
     "DIMENSIONS",
     "EMOTIONS",
     "GENDERS",
     "MANIFEST_COLUMNS",
-    "READERS",
     "CorpusNotFoundError",
     "TableError",
     "generate_synthetic_corpus",
@@ -49,6 +41,7 @@ __all__ = [
     "read_cremad",
     "read_emodb",
     "read_iemocap",
+    "read_manifest",
     "read_msppodcast",
     "read_ravdess",
     "read_synthetic",
@@ -56,4 +49,5 @@ __all__ = [
     "require_layout",
     "select_classes",
     "validate_manifest",
+    "write_manifest",
 ]

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ser_pipeline.files import atomic_write_text
+
 #: Required columns, in order. ``gender`` is "female", "male" or None;
 #: ``valence``/``arousal``/``dominance`` are floats, NaN where the corpus lacks them.
 #: Readers may add extra columns (e.g. ``session`` for IEMOCAP, ``domain``).
@@ -26,6 +28,9 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "dominance",
 )
 DIMENSIONS: tuple[str, ...] = ("valence", "arousal", "dominance")
+#: columns that are text even when every value looks like a number (speaker "03")
+TEXT_COLUMNS: tuple[str, ...] = ("id", "path", "emotion", "speaker", "gender", "corpus",
+                                 "split", "session", "part")
 GENDERS: tuple[str, ...] = ("female", "male")
 
 
@@ -71,6 +76,35 @@ def validate_manifest(frame: pd.DataFrame) -> None:
     bad_gender = set(frame["gender"].dropna()) - set(GENDERS)
     if bad_gender:
         raise ValueError(f"manifest has unknown gender values {sorted(bad_gender)}")
+
+
+def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
+    """``frame`` as a CSV table at ``path`` (written atomically); :func:`read_manifest` reads it.
+
+    The file is what a run trained on, for a person to open and for every later step (a
+    cross-validation's worker processes) to read, instead of a table handed over in memory.
+    """
+    return atomic_write_text(path, frame.to_csv(index=False))
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """A manifest from :func:`write_manifest`, typed as :func:`make_manifest` types it.
+
+    The manifest's text columns stay text (ids and speakers such as ``"03"`` keep their
+    zeros), missing where blank; the dimensions are floats (NaN where blank), and so is an extra
+    column whose every cell is a number (e.g. the synthetic corpus's ``duration``).
+    """
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in frame.columns:
+        blank = frame[column] == ""
+        numbers = pd.to_numeric(frame[column].where(~blank), errors="coerce")
+        if column in DIMENSIONS or (column not in TEXT_COLUMNS
+                                    and numbers.notna().sum() == (~blank).sum()):
+            frame[column] = numbers.astype(float)
+        else:
+            frame[column] = frame[column].where(~blank)  # text, missing where blank
+    validate_manifest(frame)
+    return frame
 
 
 def require_layout(
