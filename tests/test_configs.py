@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from ser_pipeline.features import EXTRACTORS, build_features, extractor_class
 from ser_pipeline.module import SERModule
 from ser_pipeline.training import instantiate_module, instantiate_net, net_kwargs
 
@@ -130,3 +131,19 @@ def test_a_loss_setting_that_does_not_exist_is_refused_by_name(tmp_path):
     cfg = composed(["model.loss.weighting=learned"], tmp_path)
     with pytest.raises(Exception, match="weighting must be 'fixed' or 'uncertainty'"):
         build_module(cfg)
+
+
+@pytest.mark.parametrize("feature", sorted(p.stem for p in (CONF / "feature").glob("*.yaml")))
+def test_every_feature_config_names_a_registered_extractor_that_rebuilds_from_its_record(
+        feature, tmp_path):
+    """conf/feature's ``_target_`` and the model directory's record reach the same class."""
+    cfg = composed([f"feature={feature}"], tmp_path)
+    target = get_class(cfg.feature._target_)
+    assert target in {extractor_class(name) for name in EXTRACTORS}
+    if target.__name__ == "SSLFeatures" or (feature in NEEDS and
+                                           importlib.util.find_spec(NEEDS[feature]) is None):
+        return  # building it needs encoder weights / the optional opensmile extra
+    extractor = instantiate(cfg.feature)
+    record = extractor.config()
+    assert extractor_class(record["name"]) is target
+    assert build_features(record).config() == record
