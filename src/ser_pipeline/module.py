@@ -151,6 +151,7 @@ class SERModule(pl.LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_metrics": StageMetrics(len(class_names), self.top_k)
                                       for s in STAGES})
         self.best_val_uar = -1.0
+        self.last_val_uar = -1.0  # the latest epoch's (test_weights=last tests those weights)
         self.best_val_confusion: torch.Tensor | None = None
         self.test_confusion: torch.Tensor | None = None
         self.test_results: dict[str, float] = {}
@@ -263,6 +264,8 @@ class SERModule(pl.LightningModule):
             self.log(f"{stage}/{key}", value, prog_bar=key == "uar", sync_dist=True)
         confusion = metrics.confusion.compute().cpu()
         metrics.reset()
+        if stage == "val" and not self.trainer.sanity_checking:
+            self.last_val_uar = named["uar"]
         if stage == "val" and not self.trainer.sanity_checking and named["uar"] > self.best_val_uar:
             self.best_val_uar, self.best_val_confusion = named["uar"], confusion
         if stage == "test":

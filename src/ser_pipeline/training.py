@@ -132,6 +132,7 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
     """
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
+    test_weights(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     experiment_id = tracking.setup_tracking(cfg)
     datamodule = datamodule or build_datamodule(cfg)
@@ -234,6 +235,14 @@ def build_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
                        plugins=[AtomicCheckpointIO()], enable_progress_bar=progress)
 
 
+def test_weights(cfg: DictConfig) -> str:
+    """``cfg.test_weights``: ``best`` or ``last`` (anything else is refused before training)."""
+    weights = str(cfg.get("test_weights", "best"))
+    if weights not in ("best", "last"):
+        raise ValueError(f"test_weights must be 'best' or 'last', not {weights!r}")
+    return weights
+
+
 def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
                   trainer: pl.Trainer, logger: Any, started: float,
                   stop: StopOnSignal) -> dict[str, Any]:
@@ -244,12 +253,18 @@ def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
     stop.check()  # a signal during the last epoch's end stops before testing
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
+    # test_weights=last: the weights training ended with (a fixed epoch budget, averaged
+    # weights), so the validation speakers choose nothing; best: the best-validation checkpoint
+    weights = test_weights(cfg)
+    tested = best if weights == "best" else ""
     result: dict[str, Any] = {"run_id": None, "best_checkpoint": best or None,
-                              "best_val_uar": module.best_val_uar,
+                              # the validation UAR of the weights that are tested and packaged
+                              "best_val_uar": (module.best_val_uar if weights == "best"
+                                               else module.last_val_uar),
                               "epochs": trainer.current_epoch}
     if cfg.get("test", True):
         with _sigterm_as_termination():
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            trainer.test(module, datamodule=datamodule, ckpt_path=tested or None, verbose=False)
         stop.check()
         result["test"] = dict(module.test_results)
     result["train_seconds"] = time.time() - started
