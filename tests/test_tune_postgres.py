@@ -26,10 +26,10 @@ from tests.e2e import FAST, REPO, project_env, store_uri
 from tests.postgres import PostgresUnavailable, postgres_server
 
 STUDY = "shared"
-# enough trials that the survivor is still starting new ones after the killed trial goes
-# stale (Optuna fails stale trials when a trial starts): on an idle machine 6 tiny trials
-# ended within the grace period and the dead trial stayed RUNNING
-MAX_TRIALS = 10
+#: 6: the survivor reaches tune.max_trials within the grace period of the kill, so only the
+#: wait before it leaves fails the dead trial (on an idle machine it used to stay RUNNING);
+#: 10: the survivor still starts trials after the dead one went stale (Optuna fails it then)
+MAX_TRIALS = (6, 10)
 #: a worker silent for GRACE_PERIOD s has its trial failed; short, so the test stays short
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 1, 2
 SEARCH_SPACE = "lr: {key: model.lr, type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
@@ -47,9 +47,9 @@ def server():
         yield running
 
 
-def tune_args(root: Path, storage: str) -> list[str]:
+def tune_args(root: Path, storage: str, max_trials: int) -> list[str]:
     return ["-cd", str(root / "conf"), "search_space=tiny", f"tune.study_name={STUDY}",
-            f"tune.storage={storage}", f"tune.max_trials={MAX_TRIALS}", "tune.pruner=null",
+            f"tune.storage={storage}", f"tune.max_trials={max_trials}", "tune.pruner=null",
             "tune.sampler=random", f"tune.heartbeat_interval={HEARTBEAT_INTERVAL}",
             f"tune.grace_period={GRACE_PERIOD}", *FAST, "trainer.max_epochs=1",
             "trainer.limit_val_batches=1", "logger.mlflow.register=false",
@@ -70,10 +70,11 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240) -> 
         time.sleep(0.1)  # polling the database, not waiting for a guessed duration
 
 
-def start_worker(root: Path, storage: str, log_file: Path) -> subprocess.Popen:
+def start_worker(root: Path, storage: str, max_trials: int, log_file: Path) -> subprocess.Popen:
     # output to a file: a pipe nobody reads while the test waits would block the worker
     with open(log_file, "w") as log:
-        return subprocess.Popen([sys.executable, str(REPO / "tune.py"), *tune_args(root, storage)],
+        return subprocess.Popen([sys.executable, str(REPO / "tune.py"),
+                                 *tune_args(root, storage, max_trials)],
                                 cwd=root, env=project_env(root, OMP_NUM_THREADS="1"),
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -85,14 +86,15 @@ def has_heartbeat(engine: sqlalchemy.Engine, trial: optuna.trial.FrozenTrial) ->
             {"id": trial._trial_id}).scalar() > 0
 
 
-@pytest.fixture(scope="module")
-def study(server, tmp_path_factory):
+@pytest.fixture(scope="module", params=MAX_TRIALS, ids=lambda n: f"max_trials={n}")
+def study(server, tmp_path_factory, request):
+    max_trials = request.param
     root = tmp_path_factory.mktemp("project")
     (root / "conf" / "search_space").mkdir(parents=True)
     (root / "conf" / "search_space" / "tiny.yaml").write_text(SEARCH_SPACE)
-    storage = server.create_database("optuna")
-    victim, survivor = workers = [start_worker(root, storage, root / f"worker{i}.log")
-                                 for i in range(2)]
+    storage = server.create_database(f"optuna{max_trials}")
+    victim, survivor = workers = [start_worker(root, storage, max_trials,
+                                               root / f"worker{i}.log") for i in range(2)]
     watcher = open_storage(storage, heartbeat_interval=None)
     engine = sqlalchemy.create_engine(storage)
     seen: dict[str, optuna.trial.FrozenTrial] = {}
@@ -122,16 +124,16 @@ def study(server, tmp_path_factory):
     assert survivor.returncode == 0, output[-4000:]
     final = optuna.load_study(study_name=STUDY, storage=storage)
     client = MlflowClient(tracking_uri=store_uri(root))
-    return final, seen["killed"], victim.pid, survivor.pid, client
+    return final, seen["killed"], victim.pid, survivor.pid, client, max_trials
 
 
 def test_trial_of_a_killed_worker_is_failed_by_the_heartbeat(study):
-    final, killed, _, _, _ = study
+    final, killed, _, _, _, _ = study
     assert final.trials[killed.number].state == FAIL
 
 
 def test_the_other_worker_retries_the_killed_trial(study):
-    final, killed, _, survivor, _ = study
+    final, killed, _, survivor, _, _ = study
     retries = [t for t in final.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1
     retry = retries[0]
@@ -139,7 +141,7 @@ def test_the_other_worker_retries_the_killed_trial(study):
 
 
 def test_both_workers_ran_trials_and_no_trial_is_lost_or_run_twice(study):
-    final, killed, victim, survivor, _ = study
+    final, killed, victim, survivor, _, _ = study
     numbers = [t.number for t in final.trials]
     assert numbers == list(range(len(numbers)))  # unique and gapless: PostgreSQL row locks
     assert {t.state for t in final.trials} <= {COMPLETE, FAIL}  # nothing left running or queued
@@ -148,13 +150,15 @@ def test_both_workers_ran_trials_and_no_trial_is_lost_or_run_twice(study):
     assert set(ran_by) == {victim, survivor}
 
 
-def test_max_trials_caps_the_study_across_workers(study):
-    final, _, _, _, _ = study
-    assert len(final.trials) == MAX_TRIALS  # the failed trial and its retry both count
+def test_max_trials_caps_the_results_across_workers(study):
+    final, _, _, _, _, max_trials = study
+    # the killed trial's retry takes its place: max_trials results, one failure beside them
+    assert len([t for t in final.trials if t.state == COMPLETE]) == max_trials
+    assert len(final.trials) == max_trials + 1
 
 
 def test_every_completed_trial_is_its_own_mlflow_run(study):
-    final, _, _, _, client = study
+    final, _, _, _, client, _ = study
     experiment = client.get_experiment_by_name("ser-pipeline")
     completed = [t for t in final.trials if t.state == COMPLETE]
     runs = {t.user_attrs["mlflow_run_id"]: t for t in completed}

@@ -461,6 +461,59 @@ def study_parent_run(experiment_id: str, study: optuna.Study, storage: str,
     return winner
 
 
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count towards ``tune.max_trials``: all, running and waiting ones included
+    (parallel workers stop together), except a failed trial that was retried (its retry
+    counts in its place, so a killed worker's trial costs the study no result)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    return sum(1 for t in trials
+               if not (t.state == optuna.trial.TrialState.FAIL and t.number in retried))
+
+
+class MaxTrials:
+    """Stop the study once :func:`counted_trials` reaches ``max_trials`` (Optuna's
+    ``MaxTrialsCallback``, with a retried failure replaced by its retry)."""
+
+    def __init__(self, max_trials: int) -> None:
+        self.max_trials = max_trials
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if counted_trials(study) >= self.max_trials:
+            study.stop()
+
+
+def retry_stale_trials(study: optuna.Study, objective: Any, callbacks: list,
+                       grace_period: float, interval: float) -> None:
+    """Before this worker leaves: fail trials whose worker died and run their retries here.
+
+    Why: Optuna fails a stale trial only when a worker starts a trial, so a worker killed
+    within ``grace_period`` s of the study reaching ``tune.max_trials`` would leave its trial
+    RUNNING for good, its retry never run, once the others stop. A dead trial's heartbeat is
+    stale one grace period after the last worker stopped starting trials; a live worker's
+    never is (it finishes its own trial), so waiting longer would only wait for it.
+    """
+    unfinished = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
+    # two heartbeat periods of margin: staleness is judged on the database's clock
+    deadline = time.monotonic() + grace_period + 2 * interval
+    while study.get_trials(deepcopy=False, states=unfinished):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # RetryHeartbeatStaleTrialCallback enqueues
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if waiting:
+            log.info("running %d retr%s of trials whose worker died", len(waiting),
+                     "y" if len(waiting) == 1 else "ies")
+            # another worker may take a retry first: then this one starts a new trial, the
+            # overshoot Optuna allows for workers finishing at once
+            study.optimize(objective, n_trials=len(waiting), callbacks=callbacks)
+            deadline = time.monotonic() + grace_period + 2 * interval
+            continue
+        if time.monotonic() >= deadline:  # what still runs has a live worker
+            return
+        time.sleep(interval)  # the heartbeat's own period: nothing changes faster
+
+
 def trial_counts(study: optuna.Study) -> dict[str, int]:
     states = [t.state for t in study.get_trials(deepcopy=False)]
     return {name.lower(): states.count(state) for name, state in
@@ -639,19 +692,25 @@ def tune(cfg: DictConfig) -> float:
     callbacks = [after_trial]
     n_trials = settings.n_trials
     if settings.max_trials is not None:
-        # counts every trial, running ones included, so parallel workers stop together
-        callbacks.append(optuna.study.MaxTrialsCallback(settings.max_trials, states=None))
+        callbacks.append(MaxTrials(settings.max_trials))
         n_trials = min(n_trials or settings.max_trials,
-                       max(0, settings.max_trials - len(study.trials)))
+                       max(0, settings.max_trials - counted_trials(study)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the [tune] lines replace Optuna's
     started = time.time()
     status = "FAILED"
+    def objective(trial: optuna.Trial) -> float:
+        return run_trial(trial, context)
+
     try:
         if n_trials != 0:
-            study.optimize(lambda trial: run_trial(trial, context), n_trials=n_trials,
+            study.optimize(objective, n_trials=n_trials,
                            timeout=settings.timeout, callbacks=callbacks,
                            catch=(Exception,) if settings.catch_errors else (),
                            show_progress_bar=bool(settings.show_progress_bar))
+        if isinstance(storage, optuna.storages.RDBStorage) and \
+                storage.get_heartbeat_interval() and settings.retry_stale_trials > 0:
+            retry_stale_trials(study, objective, [after_trial], settings.grace_period,
+                               settings.heartbeat_interval)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (Lightning exits after either)
         status = "KILLED"
