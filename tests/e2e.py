@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 #: a small synthetic corpus and a short run: what the end-to-end tests train on
 FAST = [
@@ -41,3 +45,23 @@ def run_script(script: str, args: list[str], root: Path, timeout: float = 600,
 
 def store_uri(root: Path) -> str:
     return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Return once ``url`` answers; fail at once if ``process`` (its server) exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)  # polling a starting server, not waiting for a fixed time
+    raise TimeoutError(url)

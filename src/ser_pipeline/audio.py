@@ -8,6 +8,7 @@ everywhere, and a bad file always fails with the same named :class:`AudioError`.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 from collections.abc import Iterator
@@ -174,20 +175,40 @@ def read_audio_segment(
     return resample(_to_mono_float(block, path), rate, sample_rate)
 
 
+def _open_bytes(data: bytes, name: str) -> sf.SoundFile:
+    """:func:`_open` for the bytes of an audio file."""
+    if not data:
+        raise AudioError(name, "empty (0 bytes)")
+    try:
+        handle = sf.SoundFile(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        # libsndfile's own words, not "Error opening <_io.BytesIO object at 0x...>: ..."
+        reason = getattr(error, "error_string", None) or error
+        raise AudioError(name, f"not a readable audio file ({reason})") from error
+    if not MIN_SAMPLE_RATE <= handle.samplerate <= MAX_SAMPLE_RATE:
+        handle.close()
+        raise AudioError(name, f"implausible sample rate {handle.samplerate} Hz (corrupt header?)")
+    return handle
+
+
+def audio_bytes_info(data: bytes, name: str = "<audio bytes>") -> tuple[int, int, int]:
+    """``(sample_rate, frames, channels)`` of the bytes of an audio file, without decoding them."""
+    with _open_bytes(data, name) as handle:
+        return handle.samplerate, handle.frames, handle.channels
+
+
 def decode_audio_bytes(data: bytes, sample_rate: int, name: str = "<audio bytes>") -> torch.Tensor:
     """The bytes of an audio file -> mono float32 ``(time,)`` at ``sample_rate``.
 
     For audio that arrives over the network (the MLflow model server); down-mixing,
     checks and resampling are those of :func:`read_audio`.
     """
-    import io
-
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as handle:
-            rate = handle.samplerate
+    with _open_bytes(data, name) as handle:
+        rate = handle.samplerate
+        try:
             block = handle.read(dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
-        raise AudioError(name, f"not a readable audio file ({error})") from error
+        except (sf.LibsndfileError, RuntimeError) as error:
+            raise AudioError(name, f"cannot decode audio ({error})") from error
     if block.shape[0] < 2:
         raise AudioError(name, f"too short ({block.shape[0]} samples)")
     return resample(_to_mono_float(block, Path(name)), rate, sample_rate)
