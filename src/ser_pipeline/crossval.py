@@ -101,7 +101,8 @@ def fold_splits(cfg: DictConfig, manifest: Path) -> list[Split]:
     probe = _datamodule(cfg, manifest)
     selected = probe.load_manifest()
     options = {**probe.split_options}
-    n_folds = count_folds(selected, options["protocol"], options["group_by"], options["n_folds"])
+    n_folds = count_folds(selected, options["protocol"], options["group_by"], options["n_folds"],
+                          options["train_only"])
     return [make_split(selected, **{**options, "fold": fold}) for fold in range(n_folds)]
 
 
