@@ -88,8 +88,9 @@ class SslAttn(nn.Module):
         if self.encoder is None:
             return features, lengths
         hidden, frames = self.encoder(features[:, 0, 0], lengths)
-        normed = nn.functional.layer_norm(hidden.transpose(-1, -2), hidden.shape[-2:-1])
-        return normed.transpose(-1, -2) * length_mask(frames, hidden.shape[-1])[:, None, None], frames
+        normed = nn.functional.layer_norm(hidden.transpose(-1, -2), (self.encoder.dim,))
+        valid = length_mask(frames, hidden.shape[-1])[:, None, None]  # padding stays zero
+        return normed.transpose(-1, -2) * valid, frames
 
     def parameter_groups(self, encoder_lr: float) -> list[dict[str, Any]]:
         """Optimizer groups: the encoder's trainable parameters at ``encoder_lr``, the rest at
