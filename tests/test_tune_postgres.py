@@ -62,7 +62,7 @@ def worker_of(trial: optuna.trial.FrozenTrial) -> int | None:
     return int(Path(folder).parent.name.rsplit("_", 1)[1]) if folder else None
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -113,7 +113,7 @@ def study(server, tmp_path_factory, request):
         wait_for(victim_in_its_second_trial, "the first worker to be in its second trial")
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=60)
-        survivor.wait(timeout=300)
+        survivor.wait(timeout=1200)  # upper bounds for a loaded machine, not waits
     finally:
         engine.dispose()
         for worker in workers:

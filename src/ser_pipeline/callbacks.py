@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -171,6 +173,31 @@ class StopOnSignal(pl.Callback):
 
 def _ranks(trainer: pl.Trainer | None) -> int:
     return trainer.world_size if trainer is not None else 1
+
+
+def end_with_launcher(trainer: pl.Trainer) -> None:
+    """In a DDP rank that Lightning's launcher started (ranks 1.. of a node): exit as soon as
+    the launching process is gone.
+
+    Why: a launching rank killed outright (out of memory, SIGKILL) cannot stop its copies, and
+    a copy waiting to join the process group, or in a collective, would wait out torch's 30 min
+    timeout. Ranks started by SLURM or torchrun are ended by those.
+    """
+    from lightning_fabric.plugins.environments import LightningEnvironment
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.local_rank == 0 or not isinstance(environment, LightningEnvironment):
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)  # the parent's pid changes when it dies: nothing to wait on
+        log.error("the launching process %d is gone: rank %d ends", launcher,
+                  trainer.global_rank)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-launcher", daemon=True).start()
 
 
 @contextlib.contextmanager

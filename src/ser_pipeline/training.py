@@ -31,6 +31,7 @@ from ser_pipeline.callbacks import (
     ReseedEachEpoch,
     StopOnSignal,
     TerminationRequested,
+    end_with_launcher,
 )
 from ser_pipeline.checkpoint_io import AtomicCheckpointIO
 from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS
@@ -168,6 +169,7 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
                   *(extra_callbacks or [])]
 
     trainer = build_trainer(cfg, callbacks)
+    end_with_launcher(trainer)
     # Under DDP (trainer=ddp) this function runs once per rank: Lightning's launcher starts
     # ranks 1.. as copies of the command when rank 0 reaches fit, so rank 0 has filled the
     # feature cache above before they read it (ranks started by SLURM / torchrun fill it at
