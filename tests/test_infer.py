@@ -20,7 +20,12 @@ from mlflow.tracking import MlflowClient
 
 from ser_pipeline.artifact import SPEC_FILE
 from ser_pipeline.infer_cli import main
-from ser_pipeline.model_uri import ModelNotFoundError, default_model_uri, resolve_model
+from ser_pipeline.model_uri import (
+    SOURCE_FILE,
+    ModelNotFoundError,
+    default_model_uri,
+    resolve_model,
+)
 from ser_pipeline.packaging import log_pyfunc_model
 from tests.test_vad import recording
 
@@ -44,6 +49,13 @@ def write_audio(path: Path, wave: np.ndarray, sample_rate: int = 16000, channels
 def short_speech() -> np.ndarray:
     """1 s silence, 2 s speech, 1 s silence."""
     return recording(("silence", 1.0), ("speech", 2.0), ("silence", 1.0))
+
+
+@pytest.fixture(autouse=True)
+def model_cache(tmp_path, monkeypatch) -> Path:
+    """Store models are fetched into $SER_PIPELINE_ROOT/.cache/models: here, the test's own."""
+    monkeypatch.setenv("SER_PIPELINE_ROOT", str(tmp_path))
+    return tmp_path / ".cache" / "models"
 
 
 def infer(capsys, *argv: str) -> tuple[int, list[dict], str]:
@@ -290,7 +302,8 @@ def mlflow_store(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
             info = log_pyfunc_model(tiny_model_dir)
     finally:
         mlflow.set_tracking_uri(previous)
-    return {"uri": uri, "run_id": run.info.run_id, "model_uri": info.model_uri}
+    return {"uri": uri, "run_id": run.info.run_id, "model_uri": info.model_uri,
+            "model_dir": str(tiny_model_dir)}
 
 
 @pytest.fixture
@@ -344,6 +357,58 @@ def test_default_without_registry_is_the_newest_finished_runs_model(mlflow_store
 def test_unknown_registered_model_is_one_clear_error(mlflow_store):
     with pytest.raises(ModelNotFoundError, match="models:/nosuchmodel/1"):
         resolve_model("models:/nosuchmodel/1", mlflow_store["uri"])
+
+
+@pytest.mark.slow
+def test_a_registered_model_is_fetched_once_then_read_from_the_cache(registered, model_cache,
+                                                                      tmp_path, capsys):
+    wav = write_audio(tmp_path / "a.wav", short_speech())
+    argv = ["--model", "models:/ser@champion", "--tracking-uri", registered["uri"], str(wav)]
+    status, first, err = infer(capsys, *argv)
+    assert status == 0 and "Downloading artifacts" not in err and "it/s" not in err
+    artifacts = Path(registered["uri"].removeprefix("sqlite:///")).parent / "artifacts"
+    hidden = artifacts.rename(artifacts.with_name("artifacts-hidden"))
+    try:  # with the store's files gone, only the cache can answer
+        status, second, err = infer(capsys, *argv)
+    finally:
+        hidden.rename(artifacts)
+    assert status == 0 and second == first and "Downloading artifacts" not in err
+    assert len(list(model_cache.iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_only_the_model_directory_is_fetched(registered, model_cache):
+    model_dir = resolve_model("models:/ser/1", registered["uri"])
+    entry = model_dir.parent
+    assert entry.parent == model_cache
+    assert sorted(p.name for p in entry.iterdir()) == sorted(["MLmodel", SOURCE_FILE,
+                                                              model_dir.name])
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(
+        p.name for p in Path(registered["model_dir"]).iterdir())
+    assert_is_the_tiny_model(model_dir)
+
+
+@pytest.mark.slow
+def test_the_cache_entry_records_uri_version_run_and_model(registered):
+    model_dir = resolve_model("models:/ser@champion", registered["uri"])
+    source = json.loads((model_dir.parent / SOURCE_FILE).read_text())
+    assert source["uri"] == "models:/ser@champion" and source["version"] == "1"
+    assert source["name"] == "ser" and source["run_id"] == registered["run_id"]
+    assert model_dir.parent.name == source["model_id"] == registered["model_uri"].split("/")[-1]
+
+
+@pytest.mark.slow
+def test_a_run_uri_and_a_registered_version_of_one_model_share_its_cache_entry(registered):
+    by_run = resolve_model(f"runs:/{registered['run_id']}/model", registered["uri"])
+    assert resolve_model("models:/ser/1", registered["uri"]) == by_run
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_entry_is_fetched_again(registered):
+    model_dir = resolve_model("models:/ser/1", registered["uri"])
+    (model_dir / SPEC_FILE).unlink()
+    assert resolve_model("models:/ser/1", registered["uri"]) == model_dir
+    assert_is_the_tiny_model(model_dir)
 
 
 @pytest.mark.slow

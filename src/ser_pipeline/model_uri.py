@@ -9,13 +9,23 @@ the root of a logged pyfunc model, which keeps the model directory as its
 Without a URI: the newest registered model version in the tracking store, else the
 model of the newest finished run; the store is ``$MLFLOW_TRACKING_URI`` or
 ``sqlite:///<cwd>/mlruns/mlflow.db``. mlflow is only imported when a store is needed.
+
+A store's model is fetched once: only its model directory (not the pyfunc's copy of the
+source code), into ``<root>/.cache/models/<logged model id>/`` with a ``source.json`` naming
+the URI, version and run; later calls resolve the URI (an alias may have moved) and reuse
+that folder.
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
+import errno
+import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -27,8 +37,27 @@ TRAIN_HINT = ("train one first, e.g. `python train.py` (or `make demo` for a qui
               "models:/<name>@<alias> or a model directory")
 
 
+#: what a cache entry records beside the model directory: the URI, version, run and model id
+SOURCE_FILE = "source.json"
+
+
 class ModelNotFoundError(Exception):
     """No usable model for the given URI or in the store; the message says what to do."""
+
+
+def default_cache_dir() -> Path:
+    """``<project root>/.cache/models`` (beside the feature cache; the root is
+    ``$SER_PIPELINE_ROOT`` or the working folder): one folder per fetched model."""
+    return Path(os.environ.get("SER_PIPELINE_ROOT", ".")) / ".cache" / "models"
+
+
+def _model_dir_artifact(mlmodel: Path) -> str | None:
+    """The ``model_dir`` artifact's path inside a pyfunc model, read from its ``MLmodel``."""
+    if not mlmodel.is_file():
+        return None
+    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
+    artifacts = flavors.get("python_function", {}).get("artifacts", {})
+    return artifacts.get("model_dir", {}).get("path") or None
 
 
 def find_model_dir(root: str | Path) -> Path:
@@ -36,13 +65,9 @@ def find_model_dir(root: str | Path) -> Path:
     root = Path(root)
     if (root / SPEC_FILE).is_file():
         return root
-    mlmodel = root / "MLmodel"
-    if mlmodel.is_file():
-        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
-        artifacts = flavors.get("python_function", {}).get("artifacts", {})
-        relative = artifacts.get("model_dir", {}).get("path")
-        if relative and (root / relative / SPEC_FILE).is_file():
-            return root / relative
+    relative = _model_dir_artifact(root / "MLmodel")
+    if relative and (root / relative / SPEC_FILE).is_file():
+        return root / relative
     raise ModelNotFoundError(
         f"{root} is neither a model directory (no {SPEC_FILE}) nor an MLflow model logged by "
         "ser_pipeline (no MLmodel with a model_dir artifact)")
@@ -77,28 +102,141 @@ def default_model_uri(tracking_uri: str) -> str | None:
     return None
 
 
-def _download(uri: str, tracking_uri: str) -> Path:
-    import mlflow
+@dataclass(frozen=True)
+class LoggedModelFiles:
+    """Where a ``runs:/`` or ``models:/`` URI's pyfunc model lies in the artifact store."""
+
+    root: str  #: artifact URI of the pyfunc model (``MLmodel`` at its top)
+    key: str  #: its cache folder: the logged model's id (files never change under one id)
+    source: dict[str, str | None]  #: what was asked for and what it resolved to
+
+
+def locate_model(uri: str, tracking_uri: str) -> LoggedModelFiles:
+    """Resolve ``uri`` in the store (an alias to its current version) without downloading."""
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    source: dict[str, str | None] = {"uri": uri, "tracking_uri": tracking_uri}
+    if uri.startswith("models:"):
+        found = get_model_name_and_version(client, uri)  # every models:/ form MLflow reads
+        if len(found) == 1:
+            model_id = found[0]
+        else:
+            version = client.get_model_version(*found)
+            source.update(name=version.name, version=str(version.version), run_id=version.run_id)
+            # a version registered from models:/<model_id> may carry the id in its source only
+            model_id = version.model_id or (version.source.removeprefix("models:/")
+                                            if version.source.startswith("models:/m-") else None)
+            if not model_id:  # registered from a run's artifacts (MLflow 2)
+                key = f"{version.name}-v{version.version}-{version.run_id}"
+                return LoggedModelFiles(
+                    client.get_model_version_download_uri(*found), key, source)
+        model = client.get_logged_model(model_id)
+        source.update(model_id=model_id, run_id=model.source_run_id)
+        return LoggedModelFiles(model.artifact_location, model_id, source)
+    run_id, path = RunsArtifactRepository.parse_runs_uri(uri)
+    source["run_id"] = run_id
+    run = client.get_run(run_id)
+    name, _, below = (path or "").partition("/")
+    for output in run.outputs.model_outputs if run.outputs else []:  # MLflow 3: LoggedModels
+        model = client.get_logged_model(output.model_id)
+        if model.name == name:
+            source["model_id"] = model.model_id
+            return LoggedModelFiles(f"{model.artifact_location}/{below}".rstrip("/"),
+                                    model.model_id + (f"-{below}" if below else ""), source)
+    return LoggedModelFiles(f"{run.info.artifact_uri}/{path}".rstrip("/"),
+                            f"{run_id}-{path}".replace("/", "-").rstrip("-"), source)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar per download on stderr; infer.py keeps stderr for errors."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def _cached_model_dir(entry: Path) -> Path | None:
+    try:
+        relative = json.loads((entry / SOURCE_FILE).read_text())["model_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    model_dir = entry / relative
+    return model_dir if (model_dir / SPEC_FILE).is_file() else None
+
+
+def _fetch(files: LoggedModelFiles, staging: Path, tracking_uri: str) -> Path:
+    """Download only the model directory of ``files`` into ``staging``; returns its path."""
+    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    target = Path(tempfile.mkdtemp(prefix="ser-model-"))
-    atexit.register(shutil.rmtree, target, ignore_errors=True)
-    # models:/ URIs are looked up in the *global* tracking store whatever tracking_uri
-    # download_artifacts is given (MLflow 3), so point it at ours for the call
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri))
+        relative = _model_dir_artifact(Path(download_artifacts(
+            artifact_uri=f"{files.root}/MLmodel", dst_path=str(staging),
+            tracking_uri=tracking_uri)))
+    except MlflowException:
+        relative = None  # not a pyfunc model: perhaps a model directory itself
+    if not relative:
+        return find_model_dir(Path(download_artifacts(
+            artifact_uri=files.root, dst_path=str(staging / "files"), tracking_uri=tracking_uri)))
+    local = Path(download_artifacts(artifact_uri=f"{files.root}/{relative}",
+                                    dst_path=str(staging), tracking_uri=tracking_uri))
+    return find_model_dir(local)
+
+
+def fetch_model_dir(uri: str, tracking_uri: str, cache_dir: Path) -> Path:
+    """The model directory of a ``runs:/`` or ``models:/`` URI, in ``cache_dir``.
+
+    Only the model directory is downloaded (not the pyfunc's copy of the source code), once
+    per logged model, with no progress bars; later calls reuse it and download nothing.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        files = locate_model(uri, tracking_uri)
+        entry = cache_dir / files.key
+        cached = _cached_model_dir(entry)
+        if cached is not None:
+            return cached
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{files.key}.", dir=cache_dir))
+        try:
+            with _no_progress_bars():
+                model_dir = _fetch(files, staging, tracking_uri)
+            record = {**files.source, "model_dir": str(model_dir.relative_to(staging))}
+            (staging / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry (no model) goes
+            try:
+                os.rename(staging, entry)
+            except OSError as error:  # another process cached the same files first: keep those
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        cached = _cached_model_dir(entry)
+        if cached is None:
+            raise ModelNotFoundError(f"model {uri} could not be cached in {entry}")
+        return cached
     except (MlflowException, OSError) as error:
         raise ModelNotFoundError(f"cannot fetch model {uri} from {tracking_uri}: "
                                  f"{str(error).splitlines()[0]}") from error
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
-def resolve_model(uri: str | None, tracking_uri: str | None = None) -> Path:
+def resolve_model(uri: str | None, tracking_uri: str | None = None,
+                  cache_dir: str | Path | None = None) -> Path:
     """A local model directory for ``uri`` (or the store's default model); see module doc.
+
+    ``runs:/`` and ``models:/`` models are fetched into ``cache_dir`` (default
+    :func:`default_cache_dir`) and reused from there.
 
     Raises :class:`ModelNotFoundError` with a message fit for the user.
     """
@@ -122,4 +260,4 @@ def resolve_model(uri: str | None, tracking_uri: str | None = None) -> Path:
                                      f"{str(error).splitlines()[0]}") from error
         if uri is None:
             raise ModelNotFoundError(f"no trained model found in {tracking_uri}; {TRAIN_HINT}")
-    return find_model_dir(_download(uri, tracking_uri))
+    return fetch_model_dir(uri, tracking_uri, Path(cache_dir or default_cache_dir()))
