@@ -61,7 +61,7 @@ from ser_pipeline.classic import (
     utterance_vector,
 )
 
-NORMALISATIONS = ("global", "speaker")
+NORMALIZATIONS = ("global", "speaker")
 PROTOCOLS = ("loso", "ltso", "group_kfold")
 
 
@@ -86,7 +86,7 @@ def utterance_table(overrides: list[str]) -> tuple[Any, np.ndarray, dict[str, st
     return manifest[keep].reset_index(drop=True), table, skipped, cfg
 
 
-def speaker_normalised(table: np.ndarray, speakers: np.ndarray) -> np.ndarray:
+def speaker_normalized(table: np.ndarray, speakers: np.ndarray) -> np.ndarray:
     """Each speaker's rows z-scored with that speaker's own mean and std (labels unused)."""
     out = np.empty_like(table)
     for speaker in np.unique(speakers):
@@ -119,7 +119,7 @@ def cross_validate(manifest: Any, table: np.ndarray, cfg: Any, protocol: str,
     classes = list(cfg.data.classes)
     labels = manifest["emotion"].to_numpy()
     if normalisation == "speaker":
-        table = speaker_normalised(table, manifest["speaker"].to_numpy())
+        table = speaker_normalized(table, manifest["speaker"].to_numpy())
     options = dict(group_by=cfg.data.group_by, n_folds=cfg.data.n_folds,
                    val_speakers=cfg.data.val_speakers, seed=cfg.seed)
     n_folds = count_folds(manifest, protocol, cfg.data.group_by, cfg.data.n_folds)
@@ -158,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corpus", default="emodb", help="data config (conf/data/<name>.yaml)")
     parser.add_argument("--root", help="corpus folder (data.root); default: the config's")
     parser.add_argument("--protocols", nargs="+", default=["loso", "ltso"], choices=PROTOCOLS)
-    parser.add_argument("--normalisations", nargs="+", default=list(NORMALISATIONS),
-                        choices=NORMALISATIONS)
+    # --normalisations: the spelling of earlier result files' reproduce lines
+    parser.add_argument("--normalizations", "--normalisations", dest="normalizations",
+                        nargs="+", default=list(NORMALIZATIONS),
+                        choices=NORMALIZATIONS)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("overrides", nargs="*", help="further train.py data overrides, after --")
     return parser
@@ -176,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(manifest)} utterances, {table.shape[1]} functionals each, "
           f"{len(skipped)} skipped, features in {extract_seconds:.1f} s", flush=True)
     machine, results = machine_info(), []
-    for protocol, normalisation in itertools.product(args.protocols, args.normalisations):
+    for protocol, normalisation in itertools.product(args.protocols, args.normalizations):
         begun, started = started_at(), time.perf_counter()
         cv = cross_validate(manifest, table, cfg, protocol, normalisation)
         argv_one = ["--corpus", args.corpus, *(["--root", args.root] if args.root else []),
-                    "--protocols", protocol, "--normalisations", normalisation,
+                    "--protocols", protocol, "--normalizations", normalisation,
                     *(["--", *args.overrides] if args.overrides else [])]
         result = {
             "benchmark": "baseline",

@@ -252,7 +252,7 @@ def test_targets_judge_the_best_loso_model_and_the_default_models_time():
     assert time_target["met"] is True and time_target["source"] == "a"
 
 
-def test_speaker_normalised_lines_are_labelled_and_do_not_count_for_the_target():
+def test_speaker_normalized_lines_are_labelled_and_do_not_count_for_the_target():
     plain = {**accuracy_result(uar=0.6), "source": "a"}
     speaker = {**accuracy_result(uar=0.85), "normalization": "speaker", "source": "b"}
     uar, _ = report.accuracy_targets([plain, speaker], "cnn_blstm_attn")
@@ -307,7 +307,7 @@ def test_speaker_normalisation_uses_each_speakers_own_statistics():
     rng = np.random.default_rng(0)
     table = np.concatenate([rng.normal(5, 2, (20, 3)), rng.normal(-1, 0.5, (30, 3))])
     speakers = np.array(["a"] * 20 + ["b"] * 30)
-    out = baseline.speaker_normalised(table, speakers)
+    out = baseline.speaker_normalized(table, speakers)
     for speaker in ("a", "b"):
         rows = out[speakers == speaker]
         np.testing.assert_allclose(rows.mean(0), 0, atol=1e-12)

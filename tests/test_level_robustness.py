@@ -17,7 +17,7 @@ from ser_pipeline.artifact import save_model_dir
 from ser_pipeline.augment import WaveAugment
 from ser_pipeline.corpora.synthetic import DEFAULT_EMOTIONS, make_speaker, synthesise_utterance
 from ser_pipeline.features import LogMelFeatures
-from ser_pipeline.features.batching import FeatureStats, normalise_utterances
+from ser_pipeline.features.batching import FeatureStats, normalize_utterances
 from ser_pipeline.inference import Predictor
 from ser_pipeline.models import CnnBlstmAttn
 
@@ -63,9 +63,9 @@ def test_utterance_normalised_log_mels_do_not_depend_on_the_gain(mode):
     extractor = LogMelFeatures(sample_rate=16000, n_mels=32)
     for wave in speech_like(4):
         stats = FeatureStats(torch.zeros(1, 32, 1), torch.full((1, 32, 1), 10.0))
-        reference = normalise_utterances([extractor(wave)], mode, stats)[0]
+        reference = normalize_utterances([extractor(wave)], mode, stats)[0]
         for db in GAINS_DB:
-            features = normalise_utterances([extractor(gained(wave, db))], mode, stats)[0]
+            features = normalize_utterances([extractor(gained(wave, db))], mode, stats)[0]
             assert torch.allclose(features, reference, atol=1e-3), db
 
 
@@ -74,8 +74,8 @@ def test_globally_normalised_log_mels_do_depend_on_the_gain():
     extractor = LogMelFeatures(sample_rate=16000, n_mels=32)
     wave = speech_like(1)[0]
     stats = FeatureStats(torch.zeros(1, 32, 1), torch.ones(1, 32, 1))
-    quiet = normalise_utterances([extractor(gained(wave, -20))], "global", stats)[0]
-    loud = normalise_utterances([extractor(wave)], "global", stats)[0]
+    quiet = normalize_utterances([extractor(gained(wave, -20))], "global", stats)[0]
+    loud = normalize_utterances([extractor(wave)], "global", stats)[0]
     assert (loud - quiet).mean() == pytest.approx(20.0, abs=0.5)
 
 

@@ -96,9 +96,9 @@ def manual_prediction(model_dir: Path, waves: list[torch.Tensor], stats_from: li
     return predictor.predict_waveforms(waves)
 
 
-def test_one_call_of_a_speaker_normalised_model_is_one_speaker(speaker_model_dir):
+def test_one_call_of_a_speaker_normalized_model_is_one_speaker(speaker_model_dir):
     predictor = Predictor.from_dir(speaker_model_dir)
-    assert predictor.speaker_normalised
+    assert predictor.speaker_normalized
     waves = voices(3)
     got = predictor.predict_waveforms(waves)
     expected = manual_prediction(speaker_model_dir, waves, waves)

@@ -118,7 +118,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     assert not (tmp_path / "data").exists()  # nothing was generated or trained
 
 
-def test_speaker_normalised_training_is_tagged_recorded_and_predicts(tmp_path):
+def test_speaker_normalized_training_is_tagged_recorded_and_predicts(tmp_path):
     result = run_script("train.py", [*FAST, "data.normalization=speaker",
                                      "logger.mlflow.log_model=false"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -39,7 +39,7 @@ from ser_pipeline.corpora.manifest import (
 )
 from ser_pipeline.features.batching import (
     FeatureStats,
-    normalise_utterances,
+    normalize_utterances,
     pad_batch,
     remove_level,
 )
@@ -78,10 +78,10 @@ class UtteranceDataset(Dataset):
     ) -> None:
         self.rows = rows.reset_index(drop=True)
         # one FeatureStats for all (training statistics) or one per item (its speaker's);
-        # ``normalization`` says how they apply (``normalise_utterances``, as at inference)
+        # ``normalization`` says how they apply (``normalize_utterances``, as at inference)
         self.normalization = normalization
         self.stats = stats if isinstance(stats, list) else [stats] * len(features)
-        self.features = [self._normalise(i, f) for i, f in enumerate(features)]
+        self.features = [self._normalize(i, f) for i, f in enumerate(features)]
         # with waveform augmentation, features are recomputed from an augmented waveform
         self.waveforms, self.wave_transform = waveforms, wave_transform
         self.crop_frames, self.random_crop = crop_frames, random_crop
@@ -104,13 +104,13 @@ class UtteranceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _normalise(self, index: int, features: torch.Tensor) -> torch.Tensor:
-        return normalise_utterances([features], self.normalization, self.stats[index])[0]
+    def _normalize(self, index: int, features: torch.Tensor) -> torch.Tensor:
+        return normalize_utterances([features], self.normalization, self.stats[index])[0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         features = self.features[index]
         if self.waveforms is not None and self.wave_transform is not None:
-            features = self._normalise(index, self.wave_transform(self.waveforms[index]))
+            features = self._normalize(index, self.wave_transform(self.waveforms[index]))
         if self.crop_frames is not None and features.shape[-1] > self.crop_frames:
             excess = features.shape[-1] - self.crop_frames
             start = int(torch.randint(0, excess + 1, ())) if self.random_crop else 0

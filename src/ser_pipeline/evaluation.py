@@ -138,7 +138,7 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame
                 indices.append(index)
             except AudioError as error:
                 skipped[str(path)] = error.reason
-        if predictor.speaker_normalised:
+        if predictor.speaker_normalized:
             predictor.reset_speaker()
             for waveform in waveforms:
                 predictor.adapt(waveform)

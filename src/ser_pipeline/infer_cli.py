@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     predictor = _load_predictor(args)
     if predictor is None:
         return 1
-    if predictor.speaker_normalised:
+    if predictor.speaker_normalized:
         print("note: this model normalises features per speaker; the statistics grow with every "
               "utterance of this session, so give one speaker's audio per call (the first "
               "predictions rest on the least audio)", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ from ser_pipeline.audio import read_audio
 from ser_pipeline.features.batching import (
     FeatureStats,
     RunningStats,
-    normalise_utterances,
+    normalize_utterances,
     pad_batch,
 )
 
@@ -36,7 +36,7 @@ class Predictor:
         self.spec = model.spec
         self.top_k = min(top_k, len(self.spec.classes))
         self.tta_views = tta_views
-        self.speaker = RunningStats() if self.speaker_normalised else None
+        self.speaker = RunningStats() if self.speaker_normalized else None
 
     @classmethod
     def from_dir(cls, directory: str | Path, top_k: int = 3, tta_views: int = 1) -> Predictor:
@@ -51,7 +51,7 @@ class Predictor:
         return list(self.spec.classes)
 
     @property
-    def speaker_normalised(self) -> bool:
+    def speaker_normalized(self) -> bool:
         return self.spec.normalization == "speaker"
 
     def adapt(self, waveform: torch.Tensor) -> None:
@@ -75,12 +75,12 @@ class Predictor:
     def features(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` at ``sample_rate`` -> normalised ``(channels, n_features, frames)``."""
         raw = self.model.extractor(waveform)
-        return self._normalise([raw])[0]
+        return self._normalize([raw])[0]
 
-    def _normalise(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _normalize(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
         """Normalised features of one speaker's utterances, as in training."""
         mode = self.spec.normalization
-        return normalise_utterances(raw, mode, None if mode == "utterance" else self._stats(raw))
+        return normalize_utterances(raw, mode, None if mode == "utterance" else self._stats(raw))
 
     @torch.no_grad()
     def predict_waveforms(self, waveforms: list[torch.Tensor],
@@ -118,7 +118,7 @@ class Predictor:
         if raw is None:
             raw = [self.model.extractor(w) for w in waveforms]
         if self.tta_views <= 1:
-            features, lengths = pad_batch(self._normalise(raw))
+            features, lengths = pad_batch(self._normalize(raw))
             outputs = self.model.net(features, lengths)
             return {**outputs, "emotion": outputs["emotion"].softmax(-1),
                     "gender": outputs["gender"].softmax(-1)}
@@ -127,7 +127,7 @@ class Predictor:
         per_view: list[dict[str, torch.Tensor]] = []
         views = [tta_views(w, self.tta_views, generator=0) for w in waveforms]
         for v in range(self.tta_views):
-            features, lengths = pad_batch(self._normalise([self.model.extractor(item[v])
+            features, lengths = pad_batch(self._normalize([self.model.extractor(item[v])
                                                            for item in views]))
             outputs = self.model.net(features, lengths)
             per_view.append({k: outputs[k] for k in ("emotion", "gender", "vad")})
@@ -188,8 +188,8 @@ class EnsemblePredictor(Predictor):
         return members[0] if len(members) == 1 else cls(members)
 
     @property
-    def speaker_normalised(self) -> bool:
-        return any(m.speaker_normalised for m in self.members)
+    def speaker_normalized(self) -> bool:
+        return any(m.speaker_normalized for m in self.members)
 
     def adapt(self, waveform: torch.Tensor) -> None:
         for member in self.members:

@@ -345,7 +345,7 @@ def evaluate_with_tta(model_dir: Path, datamodule: SERDataModule, views: int) ->
     # one call per test speaker: a speaker-normalised model takes that speaker's statistics
     for _, rows in datamodule.datasets["test"].rows.groupby(["corpus", "speaker"]):
         waveforms = [read_audio(p, predictor.sample_rate) for p in rows["path"]]
-        if predictor.speaker_normalised:
+        if predictor.speaker_normalized:
             predicted += [r["emotion"] for r in predictor.predict_waveforms(waveforms)]
         else:  # one at a time: no padding, exactly as infer.py sees each file
             predicted += [predictor.predict_waveform(w)["emotion"] for w in waveforms]

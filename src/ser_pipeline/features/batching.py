@@ -25,7 +25,7 @@ class FeatureStats:
             running.update(item)
         return running.stats()
 
-    def normalise(self, features: torch.Tensor) -> torch.Tensor:
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.mean) / self.std
 
     @classmethod
@@ -79,7 +79,7 @@ def remove_level(features: torch.Tensor) -> torch.Tensor:
     return features - features.mean(dim=(-2, -1), keepdim=True)
 
 
-def normalise_utterances(raw: list[torch.Tensor], mode: str,
+def normalize_utterances(raw: list[torch.Tensor], mode: str,
                          stats: FeatureStats | None) -> list[torch.Tensor]:
     """Normalise ``raw`` features as a model trained with ``data.normalization=mode`` expects.
 
@@ -89,12 +89,12 @@ def normalise_utterances(raw: list[torch.Tensor], mode: str,
     (training speakers' for ``global``, the speaker's own for ``speaker``).
     """
     if mode == "utterance":
-        return [FeatureStats.of_utterance(r).normalise(r) for r in raw]
+        return [FeatureStats.of_utterance(r).normalize(r) for r in raw]
     if mode == "level" and stats is not None:  # the level removed, then training statistics
-        return [stats.normalise(remove_level(r)) for r in raw]
+        return [stats.normalize(remove_level(r)) for r in raw]
     if stats is None:
         raise ValueError(f"normalisation '{mode}' needs statistics")
-    return [stats.normalise(r) for r in raw]
+    return [stats.normalize(r) for r in raw]
 
 
 def pad_batch(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

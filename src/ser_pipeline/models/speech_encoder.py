@@ -148,7 +148,7 @@ class SpeechEncoder(nn.Module):
         grad = torch.is_grad_enabled()
         model, transformer = self.model, self.model.encoder.transformer
         if self.normalize_waveform:
-            waveform = _normalise_each(waveform, lengths)
+            waveform = _normalize_each(waveform, lengths)
         with torch.set_grad_enabled(grad and self._grad_from <= _CNN):
             x, frames = model.feature_extractor(waveform, lengths)
         with torch.set_grad_enabled(grad and self._grad_from <= _FRONT):
@@ -176,7 +176,7 @@ class SpeechEncoder(nn.Module):
         return stacked.transpose(-1, -2), frames
 
 
-def _normalise_each(waveform: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+def _normalize_each(waveform: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """Each ``(batch, samples)`` row layer-normalised over its valid samples (padding stays 0)."""
     if lengths is None:
         return nn.functional.layer_norm(waveform, waveform.shape[-1:])
