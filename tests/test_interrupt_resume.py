@@ -119,13 +119,19 @@ def interrupt_after_first_checkpoint(root: Path, sig: signal.Signals) -> subproc
         cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     deadline = time.monotonic() + 300
-    while not list(root.glob("outputs/**/checkpoints/last.ckpt")):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)  # polling for the checkpoint file
-    process.send_signal(sig)
-    # kept for the assertion messages: a run left RUNNING must come with its console
-    process.console = "".join(process.communicate(timeout=120))[-6000:]
+    try:
+        while not list(root.glob("outputs/**/checkpoints/last.ckpt")):
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)  # polling for the checkpoint file
+        process.send_signal(sig)
+        # kept for the assertion messages: a run left RUNNING must come with its console
+        process.console = "".join(process.communicate(timeout=120))[-6000:]
+    except BaseException:
+        # never leave a 400-epoch training behind: it would load the machine for the next test
+        process.kill()
+        process.communicate()
+        raise
     return process
 
 
