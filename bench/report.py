@@ -383,6 +383,28 @@ def robustness_section(results: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def ensemble_section(results: list[dict[str, Any]]) -> list[str]:
+    """Late fusion of finished cross-validations, fold for fold (``bench/ensemble.py``)."""
+    runs = of_kind(results, "ensemble")
+    if not runs:
+        return []
+    table = []
+    for r in runs:
+        members = " + ".join(f"{m['mean']['uar']:.3f}" for m in r["members"]) or "-"
+        table.append([r["source"].removeprefix("ensemble-").removesuffix(".json"),
+                      r.get("label") or "-", r["corpus"], str(r["n_folds"]), members,
+                      mean_std(r["ensemble"]["mean"]["uar"], r["ensemble"]["std"]["uar"]),
+                      mean_std(r["ensemble"]["mean"]["wa"], r["ensemble"]["std"]["wa"])])
+    lines = ["### Ensembles: several cross-validations averaged fold for fold", "",
+             format_table(["run", "members", "corpus", "folds", "members' UAR", "ensemble UAR",
+                           "ensemble WA"], table, markdown=True),
+             "", "Each fold's models (one per run, the same test speakers) average their class "
+             "probabilities with equal weights (nothing fitted on the test speakers). "
+             "Reproduce:", ""]
+    lines += [f"- `{r['command']}`" for r in runs]
+    return [*lines, ""]
+
+
 def render(results: list[dict[str, Any]], default: str,
            results_dir: Path | None = None) -> str:
     """The README section (without the markers)."""
@@ -391,6 +413,7 @@ def render(results: list[dict[str, Any]], default: str,
              *accuracy_section(results),
              *(ablation_section(results_dir) if results_dir else []),
              *robustness_section(results),
+             *ensemble_section(results),
              *baseline_section(results),
              *targets_section(results, default),
              *speed_sections(results)]

@@ -1,5 +1,7 @@
 """Splits are speaker-independent unless explicitly random, and say so."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -111,3 +113,29 @@ def test_train_only_corpora_are_in_every_training_set_and_never_tested():
 def test_train_only_must_leave_a_corpus_to_test_on():
     with pytest.raises(ValueError, match="some but not all"):
         make_split(two_corpora(), "loso", 0, train_only=["toy", "extra"])
+
+
+def test_cross_validation_folds_leave_train_only_corpora_out_of_testing(tmp_path):
+    # data=emodb_ravdess as cross-validation builds it: folds are EMO-DB's speakers only
+    from hydra import compose, initialize_config_dir
+
+    from ser_pipeline.corpora.manifest import write_manifest
+    from ser_pipeline.crossval import fold_splits
+
+    rows = []
+    for corpus, speakers in (("emodb", ["03", "08", "09"]), ("ravdess", ["01", "02"])):
+        for speaker in speakers:
+            for emotion in ("anger", "sadness", "neutral"):
+                rows.append({"id": f"{corpus}/{speaker}_{emotion}", "path": f"/x/{speaker}.wav",
+                             "emotion": emotion, "speaker": f"{corpus}/{speaker}",
+                             "gender": "male", "corpus": corpus})
+    path = write_manifest(make_manifest(rows), tmp_path / "manifest.csv")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose("train", overrides=["data=emodb_ravdess", f"paths.output_dir={tmp_path}",
+                                           "data.classes=[anger,neutral,sadness]"])
+    splits = fold_splits(cfg, path)
+    assert [s.test_speakers for s in splits] == [["emodb/03"], ["emodb/08"], ["emodb/09"]]
+    for split in splits:
+        assert {i for i in split.train if i.startswith("ravdess/")} == {
+            r["id"] for r in rows if r["corpus"] == "ravdess"}
