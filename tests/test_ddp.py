@@ -88,7 +88,7 @@ def test_two_ranks_log_exactly_one_finished_run_with_one_registered_model(ddp):
     assert len(runs) == 1
     assert runs[0].info.status == "FINISHED"
     assert result.stdout.count("=== summary ===") == 1  # rank 1 trains, prints nothing more
-    [version] = client.search_model_versions("name='ser-synthetic-cnn_blstm_attn'")
+    [version] = client.search_model_versions("name='ser-synthetic-blstm_local_attn'")
     assert version.run_id == runs[0].info.run_id
 
 
