@@ -153,6 +153,7 @@ def test_same_corpus_eval_of_the_test_split_names_the_split_and_its_speakers(pro
     assert run.data.tags["evaluation"] == "same-corpus"
     assert run.data.tags["speaker_independent"] == "true"
     assert (root / "outputs" / "same" / "predictions.csv").is_file()
+    assert len(list((root / ".cache" / "models").iterdir())) == 1  # the model, fetched once
 
 
 @pytest.mark.slow

@@ -398,6 +398,15 @@ def test_the_cache_entry_records_uri_version_run_and_model(registered):
 
 
 @pytest.mark.slow
+def test_without_a_project_root_the_cache_is_in_the_working_folder(registered, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.delenv("SER_PIPELINE_ROOT")
+    monkeypatch.chdir(tmp_path)
+    model_dir = resolve_model("models:/ser/1", registered["uri"])
+    assert model_dir.parent.parent == tmp_path / ".cache" / "models"
+
+
+@pytest.mark.slow
 def test_a_run_uri_and_a_registered_version_of_one_model_share_its_cache_entry(registered):
     by_run = resolve_model(f"runs:/{registered['run_id']}/model", registered["uri"])
     assert resolve_model("models:/ser/1", registered["uri"]) == by_run

@@ -45,10 +45,12 @@ class ModelNotFoundError(Exception):
     """No usable model for the given URI or in the store; the message says what to do."""
 
 
-def default_cache_dir() -> Path:
-    """``<project root>/.cache/models`` (beside the feature cache; the root is
-    ``$SER_PIPELINE_ROOT`` or the working folder): one folder per fetched model."""
-    return Path(os.environ.get("SER_PIPELINE_ROOT", ".")) / ".cache" / "models"
+def model_cache_dir(root: str | Path | None = None) -> Path:
+    """``<root>/.cache/models``, beside the feature cache: one folder per fetched model.
+
+    ``root`` defaults to ``$SER_PIPELINE_ROOT``, else the working folder (as ``paths.root_dir``).
+    """
+    return Path(root or os.environ.get("SER_PIPELINE_ROOT", ".")) / ".cache" / "models"
 
 
 def _model_dir_artifact(mlmodel: Path) -> str | None:
@@ -203,6 +205,7 @@ def fetch_model_dir(uri: str, tracking_uri: str, cache_dir: Path) -> Path:
 
     try:
         files = locate_model(uri, tracking_uri)
+        cache_dir = cache_dir.resolve()  # MLflow answers with absolute paths
         entry = cache_dir / files.key
         cached = _cached_model_dir(entry)
         if cached is not None:
@@ -236,7 +239,7 @@ def resolve_model(uri: str | None, tracking_uri: str | None = None,
     """A local model directory for ``uri`` (or the store's default model); see module doc.
 
     ``runs:/`` and ``models:/`` models are fetched into ``cache_dir`` (default
-    :func:`default_cache_dir`) and reused from there.
+    :func:`model_cache_dir`) and reused from there.
 
     Raises :class:`ModelNotFoundError` with a message fit for the user.
     """
@@ -260,4 +263,4 @@ def resolve_model(uri: str | None, tracking_uri: str | None = None,
                                      f"{str(error).splitlines()[0]}") from error
         if uri is None:
             raise ModelNotFoundError(f"no trained model found in {tracking_uri}; {TRAIN_HINT}")
-    return fetch_model_dir(uri, tracking_uri, Path(cache_dir or default_cache_dir()))
+    return fetch_model_dir(uri, tracking_uri, Path(cache_dir or model_cache_dir()))

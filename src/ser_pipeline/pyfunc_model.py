@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass
 
 import mlflow.pyfunc
@@ -38,7 +39,8 @@ INPUT_COLUMNS = ("path", "audio_base64")
 MAX_AUDIO_SECONDS = 60.0
 MAX_AUDIO_BYTES = 32 * 1024 * 1024
 MAX_REQUEST_SECONDS = 600.0
-_MAX_BASE64_CHARS = 4 * -(-MAX_AUDIO_BYTES // 3)
+#: base64 spends 4 characters on every 3 bytes (the last group padded)
+_MAX_BASE64_CHARS = 4 * math.ceil(MAX_AUDIO_BYTES / 3)
 
 
 def bad_request(message: str) -> MlflowException:
