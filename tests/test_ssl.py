@@ -463,3 +463,22 @@ def test_finetuned_encoder_is_stored_with_the_net_and_infer_py_runs_it(tmp_path)
     frame = served.predict(pd.DataFrame({"path": [str(wav)], "audio_base64": [""]}))
     for name, score in own["scores"].items():
         assert frame.loc[0, f"score_{name}"] == pytest.approx(score, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["cnn_blstm_attn", "cnn_attn_multitask", "blstm_local_attn"])
+def test_the_other_models_take_encoder_layers_as_input_channels(tiny_checkpoint, case):
+    # (layers, encoder dim, frames): the layers are channels, as log-mel deltas are
+    from ser_pipeline.models import MODELS
+    from tests.test_models import CASES
+
+    extractor = SSLFeatures(encoder=None, checkpoint=str(tiny_checkpoint))
+    features = [extractor(torch.randn(n)).float() for n in (16000, 9600)]
+    lengths = torch.tensor([f.shape[-1] for f in features])
+    batch = torch.zeros(2, extractor.out_channels, extractor.n_features, int(lengths.max()))
+    for i, f in enumerate(features):
+        batch[i, ..., : f.shape[-1]] = f
+    name, kwargs, _ = CASES[case]
+    model = MODELS[name](n_emotions=4, **{**kwargs, "in_channels": extractor.out_channels,
+                                          "n_features": extractor.n_features}).eval()
+    outputs = model(batch, lengths)
+    assert outputs["emotion"].shape[0] == 2 and torch.isfinite(outputs["emotion"]).all()
