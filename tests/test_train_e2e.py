@@ -95,7 +95,9 @@ def test_pyfunc_model_loads_and_matches_the_project_predictor(trained, tmp_path)
 
 
 def test_a_crash_inside_the_run_marks_it_failed(tmp_path):
-    result = run_script("train.py", [*FAST, "+trainer.no_such_option=1", "logger.mlflow.register=false"],
+    # fails inside fit (configure_optimizers calls the optimizer factory), after the run exists
+    result = run_script("train.py", [*FAST, "+model.optimizer.no_such_argument=1",
+                                     "logger.mlflow.register=false"],
                         tmp_path)
     assert result.returncode != 0
     client = MlflowClient(tracking_uri=store_uri(tmp_path))
