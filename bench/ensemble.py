@@ -36,15 +36,10 @@ from bench.common import (  # noqa: E402
     write_result,
 )
 from bench.robustness import fold_models, read_corpus  # noqa: E402
+from bench.robustness import probabilities as utterance_probabilities  # noqa: E402
 from ser_pipeline.metrics import label_scores, summarise_folds  # noqa: E402
 
 METRICS = ("uar", "wa", "f1")
-
-
-def fold_test_speakers(model_dir: Path) -> list[str]:
-    from ser_pipeline.artifact import load_model_dir
-
-    return sorted(map(str, load_model_dir(model_dir).spec.info["split"]["test_speakers"]))
 
 
 def evaluate_fold(model_dirs: list[Path], manifest: Any) -> dict[str, Any]:
@@ -59,18 +54,17 @@ def evaluate_fold(model_dirs: list[Path], manifest: Any) -> dict[str, Any]:
     from ser_pipeline.audio import read_audio
     from ser_pipeline.inference import EnsemblePredictor, Predictor
 
-    speakers = [fold_test_speakers(d) for d in model_dirs]
+    members = [Predictor.from_dir(d) for d in model_dirs]
+    speakers = [sorted(map(str, m.spec.info["split"]["test_speakers"])) for m in members]
     if any(s != speakers[0] for s in speakers):
         raise SystemExit(f"the runs' folds hold different test speakers: {speakers}")
-    members = [Predictor.from_dir(d) for d in model_dirs]
     classes = members[0].classes
     rows = manifest[manifest["speaker"].astype(str).isin(speakers[0])
                     & manifest["emotion"].isin(classes)]
     waves = [read_audio(p, members[0].sample_rate) for p in rows["path"]]
     truth = rows["emotion"].tolist()
-    probabilities = np.array([[[r["scores"][c] for c in classes]
-                               for r in map(member.predict_waveform, waves)]
-                              for member in members])  # (members, utterances, classes)
+    # (members, utterances, classes)
+    probabilities = np.stack([utterance_probabilities(m, waves) for m in members])
     mean = probabilities.mean(0)
     if len(members) > 1:
         ensemble = EnsemblePredictor(members)
