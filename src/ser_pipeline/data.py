@@ -9,6 +9,9 @@ A batch is a dict:
 * ``vad``: ``(batch, 3)`` float, NaN where the corpus has no dimensional labels;
 * ``domain``: ``(batch,)`` long corpus index; ``class_mask``: ``(batch, n_emotions)`` bool,
   the classes the item's corpus has (multi-corpus training masks the others);
+* ``speaker``: ``(batch,)`` long index among the *training* speakers
+  (``SERDataModule.train_speakers``), -1 for validation and test speakers (speaker-adversarial
+  training, ``model.loss.weights.speaker``);
 * ``ids``: list of utterance ids.
 """
 
@@ -75,7 +78,10 @@ class UtteranceDataset(Dataset):
         waveforms: list[torch.Tensor] | None = None,
         wave_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         normalization: str = "global",
+        speakers: list[tuple[str, str]] | None = None,
     ) -> None:
+        """``speakers``: the training speakers as ``(corpus, speaker)``; an item's ``speaker``
+        is its index there, -1 when it is not one of them."""
         self.rows = rows.reset_index(drop=True)
         # one FeatureStats for all (training statistics) or one per item (its speaker's);
         # ``normalization`` says how they apply (``normalize_utterances``, as at inference)
@@ -100,6 +106,11 @@ class UtteranceDataset(Dataset):
             for d in domains
         }
         self.class_mask = torch.stack([masks[d] for d in self.rows["corpus"]])
+        speaker_index = {key: i for i, key in enumerate(speakers or [])}
+        self.speaker = torch.tensor(
+            [speaker_index.get(key, -1) for key in zip(self.rows["corpus"],
+                                                        self.rows["speaker"].astype(str),
+                                                        strict=True)], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -122,6 +133,7 @@ class UtteranceDataset(Dataset):
             "vad": self.vad[index],
             "domain": self.domain[index],
             "class_mask": self.class_mask[index],
+            "speaker": self.speaker[index],
             "id": self.rows.at[index, "id"],
         }
 
@@ -129,7 +141,7 @@ class UtteranceDataset(Dataset):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     features, lengths = pad_batch([item["features"] for item in items])
     batch = {key: torch.stack([item[key] for item in items])
-             for key in ("emotion", "gender", "vad", "domain", "class_mask")}
+             for key in ("emotion", "gender", "vad", "domain", "class_mask", "speaker")}
     batch.update(features=features, lengths=lengths, ids=[item["id"] for item in items])
     return batch
 
@@ -222,6 +234,7 @@ class SERDataModule(pl.LightningDataModule):
                              f"not {normalization!r}")
         self.normalization = normalization
         self.split: Split | None = None
+        self.train_speakers: list[tuple[str, str]] = []  # (corpus, speaker), after setup
         self.skipped: dict[str, str] = {}
         self._prepared = False
 
@@ -296,6 +309,9 @@ class SERDataModule(pl.LightningDataModule):
             item_stats = {part: [by_speaker[key] for key in zip(frame["corpus"],
                                                                  frame["speaker"], strict=True)]
                           for part, frame in rows.items()}
+        # speaker-adversarial training's classes: (corpus, speaker), as ids of two corpora may clash
+        self.train_speakers = sorted(set(zip(rows["train"]["corpus"],
+                                             rows["train"]["speaker"].astype(str), strict=True)))
         crop = None
         if self.max_seconds is not None:
             crop = int(self.max_seconds * sample_rate / self.extractor.hop_length) + 1
@@ -303,7 +319,8 @@ class SERDataModule(pl.LightningDataModule):
             part: UtteranceDataset(frame, [by_id[i] for i in frame["id"]], item_stats[part],
                                    self.classes, self.domains, self.domain_classes,
                                    crop_frames=crop, random_crop=part == "train",
-                                   normalization=self.normalization)
+                                   normalization=self.normalization,
+                                   speakers=self.train_speakers)
             for part, frame in rows.items()
         }
         if self.augment:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 #: the tasks a loss weight can name
-TASKS = ("emotion", "gender", "vad", "domain")
+#: ``speaker`` is adversarial: a speaker classifier behind gradient reversal (SERModule)
+TASKS = ("emotion", "gender", "vad", "domain", "speaker")
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,16 @@ class LossSettings:
         if unknown:
             raise ValueError(f"model.loss.weights names unknown tasks {sorted(unknown)}; "
                              f"tasks: {list(TASKS)}")
+        if self.weighting == "uncertainty" and float(self.weights.get("speaker", 0)) > 0:
+            # a learned weight would simply switch the adversary off
+            raise ValueError("model.loss.weights.speaker (adversarial) needs weighting=fixed")
         if isinstance(self.class_weights, str) and self.class_weights != "balanced":
             raise ValueError("model.loss.class_weights must be null, balanced or a list, "
                              f"not {self.class_weights!r}")
 
     def task_weights(self) -> dict[str, float]:
         """Every task's weight: emotion 1 and the others 0 unless given."""
-        return {"emotion": 1.0, "gender": 0.0, "vad": 0.0, "domain": 0.0,
+        return {"emotion": 1.0, "gender": 0.0, "vad": 0.0, "domain": 0.0, "speaker": 0.0,
                 **{str(k): float(v) for k, v in self.weights.items()}}
 
     def emotion_class_weights(self, class_counts: Sequence[int] | None) -> list[float] | None:

@@ -10,6 +10,7 @@ tracking logs.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,8 @@ from ser_pipeline.losses import (
     masked_cross_entropy,
 )
 from ser_pipeline.metrics import uar
+from ser_pipeline.models.heads import task_head
+from ser_pipeline.models.layers import GradientReversal
 
 STAGES = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -123,10 +126,20 @@ class SERModule(pl.LightningModule):
         class_counts: list[int] | None = None,
         top_k: int = 3,
         encoder_lr: float | None = None,
+        n_speakers: int = 0,
     ) -> None:
-        """``net``, ``class_names``, ``domain_names`` and ``class_counts`` (training split,
-        for ``loss.class_weights=balanced``) come from the data; the rest is ``conf/model``
-        (``optimizer``/``scheduler`` are factories: ``_partial_: true``)."""
+        """``net``, ``class_names``, ``domain_names``, ``class_counts`` (training split,
+        for ``loss.class_weights=balanced``) and ``n_speakers`` (training speakers) come from
+        the data; the rest is ``conf/model`` (``optimizer``/``scheduler`` are factories:
+        ``_partial_: true``).
+
+        With ``loss.weights.speaker > 0`` (speaker-adversarial training, the inductive cousin
+        of speaker normalisation) a speaker classifier on the net's ``"embedding"`` learns the
+        training speakers behind a gradient-reversal layer, so the encoder is pushed towards
+        embeddings that do not tell the speakers apart; the reversal is annealed from 0 to 1
+        over training (Ganin & Lempitsky's DANN schedule). The classifier is a training aid:
+        it lives here, not in the net, so model directories never hold it.
+        """
         super().__init__()
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -143,6 +156,19 @@ class SERModule(pl.LightningModule):
         self.spec_augment = spec_augment
         self.mixup_alpha = float(mixup_alpha or 0.0)
         self.domain_names = list(domain_names or [])
+        self.speaker_head: nn.Module | None = None
+        self.speaker_reversal: GradientReversal | None = None
+        if self.loss_weights.get("speaker", 0.0) > 0:
+            heads = getattr(net, "heads", None)
+            if not hasattr(heads, "embedding_dim"):
+                raise ValueError(f"model.loss.weights.speaker needs a net with EmotionHeads "
+                                 f"(net.heads); {type(net).__name__} has none")
+            if n_speakers < 2:
+                raise ValueError(f"model.loss.weights.speaker needs at least 2 training "
+                                 f"speakers to tell apart; this split has {n_speakers}")
+            self.speaker_reversal = GradientReversal(scale=0.0)
+            self.speaker_head = task_head(heads.embedding_dim, n_speakers, hidden_dim=128,
+                                          dropout=0.3)
         # a fine-tuned encoder's own learning rate (the net's ``parameter_groups``)
         self.encoder_lr = encoder_lr
         self._test_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -176,6 +202,9 @@ class SERModule(pl.LightningModule):
             "vad": lambda: ccc_loss(outputs["vad"], batch["vad"]),
             "domain": lambda: (masked_cross_entropy(outputs["domain"], batch["domain"])
                                if "domain" in outputs else None),
+            "speaker": lambda: (masked_cross_entropy(
+                self.speaker_head(self.speaker_reversal(outputs["embedding"])), batch["speaker"])
+                if self.speaker_head is not None and "speaker" in batch else None),
         }
         for task, weight in self.loss_weights.items():
             if weight > 0:
@@ -200,7 +229,7 @@ class SERModule(pl.LightningModule):
         # sync_dist: under DDP the epoch's loss is the mean over ranks (a no-op in one process)
         self.log(f"{stage}/loss", losses["total"], on_step=False, on_epoch=True, batch_size=size,
                  prog_bar=stage != "train", sync_dist=True)
-        for task in ("emotion", "gender", "vad", "domain"):
+        for task in ("emotion", "gender", "vad", "domain", "speaker"):
             if task in losses:
                 self.log(f"{stage}/loss_{task}", losses[task], on_step=False, on_epoch=True,
                          batch_size=size, sync_dist=True)
@@ -244,6 +273,9 @@ class SERModule(pl.LightningModule):
         return values
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.speaker_reversal is not None:  # DANN: 2 / (1 + exp(-10 p)) - 1, p in [0, 1]
+            progress = min(1.0, self.global_step / max(1, self.trainer.estimated_stepping_batches))
+            self.speaker_reversal.scale = 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

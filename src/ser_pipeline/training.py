@@ -78,14 +78,16 @@ def instantiate_net(cfg: DictConfig, kwargs: dict[str, Any]) -> nn.Module:
 
 def instantiate_module(cfg: DictConfig, net: nn.Module, class_names: list[str],
                        class_counts: list[int] | None = None,
-                       domain_names: list[str] | None = None) -> SERModule:
+                       domain_names: list[str] | None = None, n_speakers: int = 0) -> SERModule:
     """``instantiate(cfg.model, net=..., ...)``: the config's keys are the module's arguments,
-    ``net`` and what the data decides (classes, training class counts, domains) are passed."""
+    ``net`` and what the data decides (classes, training class counts, domains, the number of
+    training speakers) are passed."""
     arguments = OmegaConf.to_container(cfg.model, resolve=True)  # ${model.lr} & co. resolved
     for key in (*MODULE_SETTINGS, "net"):
         arguments.pop(key, None)
     return instantiate(arguments, net=net, class_names=list(class_names),
-                       class_counts=class_counts, domain_names=domain_names, _convert_="all")
+                       class_counts=class_counts, domain_names=domain_names,
+                       n_speakers=n_speakers, _convert_="all")
 
 
 def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule, dict]:
@@ -106,7 +108,8 @@ def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule,
         # the trained state dict holds the backbone; a rebuilt model must not re-read the file
         kwargs["pretrained_weights"] = None
     counts = datamodule.datasets["train"].emotion.bincount(minlength=n_classes).tolist()
-    module = instantiate_module(cfg, net, datamodule.classes, counts, datamodule.domains)
+    module = instantiate_module(cfg, net, datamodule.classes, counts, datamodule.domains,
+                                len(datamodule.train_speakers))
     return module, kwargs
 
 

@@ -8,7 +8,8 @@ from torch import nn
 from ser_pipeline.models.layers import GradientReversal
 
 
-def _head(input_dim: int, output_dim: int, hidden_dim: int, dropout: float) -> nn.Module:
+def task_head(input_dim: int, output_dim: int, hidden_dim: int, dropout: float) -> nn.Module:
+    """Dropout -> linear (``hidden_dim <= 0``), or dropout -> linear -> ReLU -> dropout -> linear."""
     if hidden_dim <= 0:
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(input_dim, output_dim))
     return nn.Sequential(
@@ -44,10 +45,11 @@ class EmotionHeads(nn.Module):
         hidden_dim: int = 128,
     ) -> None:
         super().__init__()
-        self.emotion = _head(embedding_dim, n_emotions, hidden_dim, dropout)
-        self.gender = _head(embedding_dim, n_genders, hidden_dim, dropout)
-        self.vad = _head(embedding_dim, n_dims, hidden_dim, dropout)
-        self.domain = _head(embedding_dim, n_domains, hidden_dim, dropout) if n_domains else None
+        self.embedding_dim = embedding_dim  # what a head on ``"embedding"`` takes (SERModule)
+        self.emotion = task_head(embedding_dim, n_emotions, hidden_dim, dropout)
+        self.gender = task_head(embedding_dim, n_genders, hidden_dim, dropout)
+        self.vad = task_head(embedding_dim, n_dims, hidden_dim, dropout)
+        self.domain = task_head(embedding_dim, n_domains, hidden_dim, dropout) if n_domains else None
         self.gradient_reversal = GradientReversal() if domain_adversarial and n_domains else None
 
     def forward(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
