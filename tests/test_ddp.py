@@ -180,3 +180,28 @@ def test_a_rank_ends_when_its_launcher_is_killed_outright(tmp_path):
     process.kill()  # SIGKILL: rank 0 can neither stop rank 1 nor end its run (left RUNNING)
     process.wait(timeout=60)
     wait_until_gone(rank1, console_file)
+
+
+def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_runs_result(tmp_path, ddp,
+                                                                         features):
+    """Checkpoints and resume work as on one device: a 2-rank run stopped by SIGTERM after its
+    first checkpoint and resumed from ``last.ckpt`` (2 ranks again) ends where the
+    uninterrupted 2-rank run of the same settings (the ``ddp`` fixture, 15 epochs) ends."""
+    process, rank1, console_file = start_training(tmp_path)
+    os.kill(process.pid, signal.SIGTERM)
+    process.wait(timeout=600)
+    wait_until_gone(rank1, console_file)
+    _, [killed] = only_run(tmp_path)
+    assert killed.info.status == "KILLED"
+    last = next(tmp_path.glob("outputs/**/checkpoints/last.ckpt"))
+    stopped_after = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    assert stopped_after < 14, "the run was to be stopped before its 15th epoch"
+    _, _, runs = train(tmp_path, features, *DDP, EPOCHS, f"ckpt_path={last}")
+    [resumed] = [r for r in runs if r.info.run_id != killed.info.run_id]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from_run"] == killed.info.run_id
+    reference = ddp[2][0].data.metrics
+    # the same steps on the same items from the restored weights, optimiser and sampler state;
+    # the loss may differ in the last float digits (the ranks' sums, see UAR_TOLERANCE)
+    assert resumed.data.metrics["test/uar"] == reference["test/uar"]
+    assert resumed.data.metrics["test/loss"] == pytest.approx(reference["test/loss"], rel=1e-4)
