@@ -48,6 +48,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ser_pipeline import tracking
+from ser_pipeline.allocator import keep_freed_memory
 from ser_pipeline.callbacks import (
     StopOnSignal,
     TerminationRequested,
@@ -305,6 +306,7 @@ def _fold_worker(resolved: dict, manifest: str, output_dir: str, run_id: str | N
         logging.basicConfig(level=logging.INFO,
                             format="[%(asctime)s][%(processName)s][%(name)s] - %(message)s")
         torch.set_num_threads(threads)
+        keep_freed_memory()  # a spawned process starts with glibc's defaults (allocator.py)
         cfg = OmegaConf.create(resolved)
         while True:
             try:

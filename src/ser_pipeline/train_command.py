@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from ser_pipeline.allocator import keep_freed_memory
 from ser_pipeline.crossval import cross_validate
 from ser_pipeline.training import print_summary, train
 
@@ -38,6 +39,7 @@ def check_launch(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> float:
     """Entry point behind ``train.py``: returns the optimised metric (val UAR by default)."""
     check_launch(cfg)
+    keep_freed_memory()  # every batch reuses the last one's memory (allocator.py)
     if rank_zero_only.rank == 0:  # DDP ranks 1.. run this command again: print once
         print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
     stage, name = str(cfg.get("optimized_metric", "val/uar")).split("/")

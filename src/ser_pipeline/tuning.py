@@ -44,6 +44,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ser_pipeline import tracking
+from ser_pipeline.allocator import keep_freed_memory
 from ser_pipeline.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -635,6 +636,7 @@ def _progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial, metric:
 
 def tune(cfg: DictConfig) -> float:
     """Entry point behind ``tune.py``: run this worker's trials; returns the best value."""
+    keep_freed_memory()  # trials reuse the previous batch's memory (allocator.py)
     settings = cfg.tune
     if settings.metric not in METRICS:
         raise ValueError(f"tune.metric must be one of {METRICS}, not '{settings.metric}'")
