@@ -325,6 +325,23 @@ def speed_sections(results: list[dict[str, Any]]) -> list[str]:
                                 "epoch (fold 0)", "peak RSS MiB", "machine", "load/CPU"],
                                table, markdown=True),
                   "", "Reproduce: " + ", ".join(f"`{r['command']}`" for r in training), ""]
+    kernel = of_kind(results, "kernel_time")
+    if kernel:
+        table = [[label, f"{row['user_s']:.1f}", f"{row['system_s']:.1f}",
+                  f"{100 * row['system_s'] / (row['user_s'] + row['system_s']):.0f} %",
+                  f"{row['minor_faults'] / 1e6:.2f} M", f"{row['wall_s']:.0f} s",
+                  f"{row['peak_rss_mb']:.0f}", "yes" if r["identical_fold_metrics"] else "NO",
+                  load_label(r["machine"])]
+                 for r in kernel for label, row in r["rows"].items()]
+        lines += ["### Where a parallel cross-validation's CPU time goes", "",
+                  format_table(["malloc", "user s", "system s", "kernel share", "minor faults",
+                                "wall", "peak RSS MiB", "same folds", "load/CPU"], table,
+                               markdown=True),
+                  "", "The same cross-validation with glibc's malloc defaults and with the "
+                  "project's (`ser_pipeline/allocator.py`: freed memory kept for the next "
+                  "batch instead of being returned to the kernel and faulted in again); CPU "
+                  "times and minor page faults of the command and its worker processes. "
+                  "Reproduce: " + ", ".join(f"`{r['command']}`" for r in kernel), ""]
     inference = of_kind(results, "inference")
     if inference:
         table = []

@@ -53,8 +53,10 @@ def test_freed_batch_memory_stays_in_the_heap_instead_of_going_back_to_the_kerne
     assert mapped < 20 * 2**20 <= kept  # from the heap, kept there for the next batch
 
 
-def test_a_users_own_malloc_settings_are_left_alone(monkeypatch):
+@pytest.mark.parametrize("variable, value", [("MALLOC_TRIM_THRESHOLD_", "131072"),
+                                             ("SER_PIPELINE_MALLOC", "system")])
+def test_a_users_own_malloc_settings_are_left_alone(monkeypatch, variable, value):
     from ser_pipeline.allocator import keep_freed_memory
 
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    monkeypatch.setenv(variable, value)
     assert keep_freed_memory() is False

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bench import accuracy, baseline, features, inference, report, training_speed
+from bench import accuracy, baseline, features, inference, kernel_time, report, training_speed
 from bench.common import command_line, format_table, split_model_feature
 from ser_pipeline.corpora.synthetic import make_speaker, synthesise_utterance
 from tests.e2e import FAST, REPO, run_script
@@ -334,3 +334,17 @@ def test_baseline_cross_validates_on_the_pipelines_folds_and_chooses_on_validati
     block = report.render(report.load_results(results), "cnn_blstm_attn")
     assert "### Reference: classic functionals + SVM" in block
     assert "speaker (transductive)" in block
+
+
+@pytest.mark.slow
+def test_kernel_time_runs_a_cross_validation_with_both_allocators_and_compares(monkeypatch):
+    written = []
+    monkeypatch.setattr(kernel_time, "write_result", lambda payload, name: written.append(payload))
+    overrides = ["data.reader.n_speakers=4", "data.reader.utterances_per_class=2",
+                 "data.n_folds=2", "trainer=debug", "model.net.conv_channels=[4,8]",
+                 "model.net.lstm_hidden=8", "model.net.lstm_layers=1"]
+    assert kernel_time.main(["--name", "t", *overrides]) == 0
+    [payload] = written
+    assert payload["identical_fold_metrics"] is True
+    for row in payload["rows"].values():
+        assert len(row["folds"]) == 2 and row["user_s"] > 0 and row["minor_faults"] > 0

@@ -14,8 +14,9 @@ keeps its peak heap until it exits, which is what a training process needs anywa
 
 This is done by hand because neither PyTorch nor Lightning sets it (jemalloc or tcmalloc via
 ``LD_PRELOAD`` would too, but are not Python packages). Only glibc has ``mallopt``; elsewhere,
-or when the user has set glibc's own ``MALLOC_*`` / ``GLIBC_TUNABLES`` variables, nothing is
-changed.
+when the user has set glibc's own ``MALLOC_*`` / ``GLIBC_TUNABLES`` variables, or with
+``SER_PIPELINE_MALLOC=system`` (glibc's defaults, what ``bench/kernel_time.py`` compares
+against), nothing is changed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP
 
 def keep_freed_memory() -> bool:
     """Set this process's malloc to reuse freed memory; True when the settings took effect."""
-    if not sys.platform.startswith("linux") or any(v in os.environ for v in USER_SETTINGS):
+    if (not sys.platform.startswith("linux") or any(v in os.environ for v in USER_SETTINGS)
+            or os.environ.get("SER_PIPELINE_MALLOC") == "system"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
