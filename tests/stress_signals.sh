@@ -28,6 +28,10 @@ tests=(
   "tests/test_interrupt_resume.py::test_signal_marks_run_killed_and_keeps_checkpoints"
   "tests/test_interrupt_resume.py::test_resume_after_sigterm_matches_the_uninterrupted_run"
   "tests/test_microphone.py::test_ctrl_c_ends_cleanly_and_predicts_the_utterance_in_progress"
+  # 2-rank DDP (minutes a round: STRESS_ONLY=test_ddp runs them alone)
+  "tests/test_ddp.py::test_sigterm_to_any_rank_ends_both_and_the_run_is_killed"
+  "tests/test_ddp.py::test_a_rank_ends_when_its_launcher_is_killed_outright"
+  "tests/test_ddp.py::test_a_killed_two_rank_run_resumes_to_the_uninterrupted_runs_result"
 )
 if [ -n "${STRESS_ONLY:-}" ]; then  # e.g. STRESS_ONLY=test_crossval: a subset
   filtered=()
