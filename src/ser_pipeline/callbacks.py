@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -17,6 +18,19 @@ import pytorch_lightning as pl
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def report_native_crashes() -> None:
+    """On a native crash (SIGSEGV, SIGBUS, SIGFPE, SIGABRT) print every thread's Python stack.
+
+    Called before each training run, because Lightning switches it off: at the end of every
+    ``fit`` / ``test`` its signal connector restores, for every signal, the handler Python's
+    signal table lists, which for these is the default - faulthandler installs its handler
+    natively, outside that table, so the restore removes it while ``faulthandler.is_enabled()``
+    still says True. Re-enabling (disable, then enable) installs it again.
+    """
+    faulthandler.disable()
+    faulthandler.enable(all_threads=True)
 
 
 class ReseedEachEpoch(pl.Callback):
@@ -142,9 +156,11 @@ class StopOnSignal(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._take_sigterm(trainer)
+        report_native_crashes()  # the previous stage's teardown removed it
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._take_sigterm(trainer)
+        report_native_crashes()
 
     def on_train_batch_start(self, trainer: pl.Trainer | None, *args: object,
                              **kwargs: object) -> None:

@@ -32,6 +32,7 @@ from ser_pipeline.callbacks import (
     StopOnSignal,
     TerminationRequested,
     end_with_launcher,
+    report_native_crashes,
 )
 from ser_pipeline.checkpoint_io import AtomicCheckpointIO
 from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS
@@ -135,6 +136,7 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
     signal or stop request that came before this fold started stops it before its run exists.
     """
     started = time.time()
+    report_native_crashes()  # a crash in native code leaves the Python stacks in the log
     output_dir = Path(cfg.paths.output_dir)
     test_weights(cfg)
     pl.seed_everything(cfg.seed, workers=True)
