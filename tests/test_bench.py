@@ -341,7 +341,7 @@ def test_kernel_time_runs_a_cross_validation_with_both_allocators_and_compares(m
     written = []
     monkeypatch.setattr(kernel_time, "write_result", lambda payload, name: written.append(payload))
     overrides = ["data.reader.n_speakers=4", "data.reader.utterances_per_class=2",
-                 "data.n_folds=2", "trainer=debug", "model.net.conv_channels=[4,8]",
+                 "data.n_folds=2", "cv.workers=1", "trainer=debug", "model.net.conv_channels=[4,8]",
                  "model.net.lstm_hidden=8", "model.net.lstm_layers=1"]
     assert kernel_time.main(["--name", "t", *overrides]) == 0
     [payload] = written
