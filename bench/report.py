@@ -315,16 +315,27 @@ def speed_sections(results: list[dict[str, Any]]) -> list[str]:
                   "Reproduce: " + ", ".join(f"`{r['command']}`" for r in features), ""]
     training = of_kind(results, "training_speed")
     if training:
-        table = [[row["model"], row["feature"], r["corpus"], str(row["threads"]["torch"]),
-                  f"{row['utterances_per_s']:.1f}",
+        table = [[row["model"], row["feature"], r["corpus"], row.get("device", "cpu"),
+                  str(row["threads"]["torch"]), f"{row['utterances_per_s']:.1f}",
                   f"{row['epoch_s_measured'] or row['epoch_s_estimated']:.0f} s",
-                  f"{row['peak_rss_mb']:.0f}", machine_label(r["machine"]),
-                  load_label(r["machine"])] for r in training for row in r["rows"]]
-        lines += ["### Training throughput (CPU)", "",
-                  format_table(["model", "feature", "corpus", "threads", "utterances/s",
-                                "epoch (fold 0)", "peak RSS MiB", "machine", "load/CPU"],
-                               table, markdown=True),
-                  "", "Reproduce: " + ", ".join(f"`{r['command']}`" for r in training), ""]
+                  f"{row['peak_rss_mb']:.0f}",
+                  f"{row['peak_gpu_mb']:.0f}" if row.get("peak_gpu_mb") else "-",
+                  machine_label(r["machine"]), load_label(r["machine"])]
+                 for r in training for row in r["rows"]]
+        if not any(row.get("device", "cpu") != "cpu" for r in training for row in r["rows"]):
+            table += [[model, "-", corpus, "GPU", "-", "unmeasured", "unmeasured", "-",
+                       "unmeasured", "no GPU lent", "-"]
+                      for model, corpus in ((default_model(), "emodb"),
+                                            (default_model(), "synthetic, IEMOCAP size"))]
+        lines += ["### Training throughput", "",
+                  format_table(["model", "feature", "corpus", "device", "threads",
+                                "utterances/s", "epoch (fold 0)", "peak RSS MiB",
+                                "peak GPU MiB", "machine", "load/CPU"], table, markdown=True),
+                  "", "Reproduce: " + ", ".join(f"`{r['command']}`" for r in training)
+                  + ". GPU rows: the commands in `bench/training_speed.py`'s docstring "
+                  "(`-- trainer=gpu`; the IEMOCAP-size corpus is 10 synthetic speakers x 4 "
+                  "classes x 138 = 5,520 utterances); target: an IEMOCAP-size epoch under "
+                  "5 s for the default model on one modern GPU.", ""]
     kernel = of_kind(results, "kernel_time")
     if kernel:
         table = [[label, f"{row['user_s']:.1f}", f"{row['system_s']:.1f}",

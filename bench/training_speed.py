@@ -15,6 +15,11 @@ Example::
 
     python bench/training_speed.py                          # EMO-DB, every seed model
     python bench/training_speed.py --models cnn_blstm_attn --batches 0 --threads 2
+    # one GPU (peak GPU memory recorded): EMO-DB, and a synthetic corpus of IEMOCAP's size
+    python bench/training_speed.py --models cnn_blstm_attn --batches 0 -- trainer=gpu
+    python bench/training_speed.py --corpus synthetic --models cnn_blstm_attn --batches 0 \\
+        --name training-synthetic-iemocap-size-gpu -- trainer=gpu \\
+        data.reader.n_speakers=10 data.reader.utterances_per_class=138
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ if __package__ in (None, ""):  # run as `python bench/training_speed.py`: make `
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytorch_lightning as pl
+import torch
 
 from bench.common import (
     MODEL_FEATURES,
@@ -99,7 +105,12 @@ def measure_model(overrides: list[str], batches: int) -> dict[str, Any]:
                               limit_val_batches=0, enable_checkpointing=False,
                               enable_progress_bar=False, enable_model_summary=False)
         rss_before = current_rss_mb()
+        on_gpu = trainer.strategy.root_device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         trainer.fit(module, datamodule=datamodule)
+        device = torch.cuda.get_device_name() if on_gpu else "cpu"
+        peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
     train_size = len(datamodule.datasets["train"])
     per_s = timer.throughput()
     return {
@@ -116,6 +127,8 @@ def measure_model(overrides: list[str], batches: int) -> dict[str, Any]:
         "setup_s": setup_s,
         "rss_before_training_mb": rss_before,
         "peak_rss_mb": peak_rss_mb(),
+        "device": device,
+        "peak_gpu_mb": peak_gpu_mb,
     }
 
 
