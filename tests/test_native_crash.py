@@ -45,3 +45,14 @@ def test_lightnings_teardown_silences_faulthandler_and_re_arming_restores_it():
     assert reported.returncode != 0
     assert "Fatal Python error: Segmentation fault" in reported.stderr
     assert "File \"<string>\"" in reported.stderr  # the Python stack of the crash
+
+
+def test_a_stderr_without_a_file_descriptor_falls_back_to_the_processs_own(monkeypatch):
+    import faulthandler
+    import io
+
+    from ser_pipeline.callbacks import report_native_crashes
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # as under capsys: no fileno()
+    report_native_crashes()
+    assert faulthandler.is_enabled()

@@ -7,6 +7,7 @@ import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +31,13 @@ def report_native_crashes() -> None:
     still says True. Re-enabling (disable, then enable) installs it again.
     """
     faulthandler.disable()
-    faulthandler.enable(all_threads=True)
+    # sys.stderr without a file descriptor (a test's captured stream): the process's own
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            faulthandler.enable(stream, all_threads=True)
+            return
+        except (AttributeError, ValueError, OSError, RuntimeError):  # no usable fileno()
+            continue
 
 
 class ReseedEachEpoch(pl.Callback):
