@@ -191,7 +191,7 @@ def ablation_section(results_dir: Path) -> list[str]:
     runs = [r for r in load_results(results_dir / "ablation") if r["benchmark"] == "accuracy"]
     if not runs:
         return []
-    runs.sort(key=lambda r: (r["corpus"], r["protocol"], r.get("started_at", "")))
+    runs.sort(key=lambda r: r.get("started_at", ""))  # in the order the levers were tried
     table = [[str(i), r.get("label") or "-", r["corpus"], r["protocol"],
               f"{r['folds_run']}/{r['n_folds']}",
               mean_std(r["mean"]["val_uar"], r["std"]["val_uar"]),
