@@ -59,6 +59,19 @@ def measure(overrides: list[str], extra_env: dict[str, str]) -> dict[str, Any]:
             "wall_s": wall, "folds": folds}
 
 
+#: the columns of :func:`cells` (the README table adds its own after them)
+HEADERS = ["malloc", "user s", "system s", "kernel share", "minor faults", "wall s",
+           "peak RSS MiB"]
+
+
+def cells(label: str, row: dict[str, Any]) -> list[str]:
+    """One measured setting as table cells (this script's table and the README's)."""
+    return [label, f"{row['user_s']:.1f}", f"{row['system_s']:.1f}",
+            f"{100 * row['system_s'] / (row['user_s'] + row['system_s']):.0f} %",
+            f"{row['minor_faults'] / 1e6:.2f} M", f"{row['wall_s']:.0f}",
+            f"{row['peak_rss_mb']:.0f}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="kernel-time-synthetic-cv",
@@ -69,12 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     rows = {label: measure(overrides, env) for label, env in SETTINGS.items()}
     same = rows["glibc defaults"]["folds"] == rows["ser_pipeline"]["folds"]
-    table = [[label, f"{r['user_s']:.1f}", f"{r['system_s']:.1f}",
-              f"{100 * r['system_s'] / (r['user_s'] + r['system_s']):.0f} %",
-              f"{r['minor_faults'] / 1e6:.2f} M", f"{r['wall_s']:.0f}", f"{r['peak_rss_mb']:.0f}"]
-             for label, r in rows.items()]
-    print(format_table(["malloc", "user s", "system s", "kernel share", "minor faults",
-                        "wall s", "peak RSS MiB"], table))
+    print(format_table(HEADERS, [cells(label, r) for label, r in rows.items()]))
     print(f"fold metrics identical: {same}")
     write_result({"benchmark": "kernel_time", "command": command_line("bench/kernel_time.py",
                                                                       sys.argv[1:]),

@@ -338,15 +338,13 @@ def speed_sections(results: list[dict[str, Any]]) -> list[str]:
                   "5 s for the default model on one modern GPU.", ""]
     kernel = of_kind(results, "kernel_time")
     if kernel:
-        table = [[label, f"{row['user_s']:.1f}", f"{row['system_s']:.1f}",
-                  f"{100 * row['system_s'] / (row['user_s'] + row['system_s']):.0f} %",
-                  f"{row['minor_faults'] / 1e6:.2f} M", f"{row['wall_s']:.0f} s",
-                  f"{row['peak_rss_mb']:.0f}", "yes" if r["identical_fold_metrics"] else "NO",
-                  load_label(r["machine"])]
+        from bench import kernel_time
+
+        table = [[*kernel_time.cells(label, row),
+                  "yes" if r["identical_fold_metrics"] else "NO", load_label(r["machine"])]
                  for r in kernel for label, row in r["rows"].items()]
         lines += ["### Where a parallel cross-validation's CPU time goes", "",
-                  format_table(["malloc", "user s", "system s", "kernel share", "minor faults",
-                                "wall", "peak RSS MiB", "same folds", "load/CPU"], table,
+                  format_table([*kernel_time.HEADERS, "same folds", "load/CPU"], table,
                                markdown=True),
                   "", "The same cross-validation with glibc's malloc defaults and with the "
                   "project's (`ser_pipeline/allocator.py`: freed memory kept for the next "

@@ -9,7 +9,8 @@ cross-validation (``perf record -e page-faults``: 6.3 million faults in 8 epochs
 PyTorch's fill/mul/threshold kernels touching new tensors) put 13 % of its CPU time in the
 kernel. Raising the mmap threshold to its maximum (32 MiB on 64-bit glibc) and never trimming
 the heap lets ``malloc`` reuse the memory of the previous batch: 3.6x fewer faults and 2.4x
-less system time on the same run (README, "Training throughput"). The cost is that a process
+less system time on the same run (``bench/kernel_time.py`` measures a whole cross-validation
+both ways: README, "Where a parallel cross-validation's CPU time goes"). The cost is that a process
 keeps its peak heap until it exits, which is what a training process needs anyway.
 
 This is done by hand because neither PyTorch nor Lightning sets it (jemalloc or tcmalloc via

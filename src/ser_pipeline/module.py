@@ -28,6 +28,7 @@ from torchmetrics.classification import (
 
 from ser_pipeline.corpora.manifest import DIMENSIONS
 from ser_pipeline.losses import (
+    TASKS,
     LossSettings,
     UncertaintyWeighting,
     ccc_loss,
@@ -158,13 +159,13 @@ class SERModule(pl.LightningModule):
         self.domain_names = list(domain_names or [])
         self.speaker_head: nn.Module | None = None
         self.speaker_reversal: GradientReversal | None = None
-        if self.loss_weights.get("speaker", 0.0) > 0 and n_speakers < 2:
+        if self.loss_weights["speaker"] > 0 and n_speakers < 2:
             # a recipe must run unchanged on any corpus: a split without two training speakers
             # (a tiny corpus, a predefined split without speaker ids) trains without it
             log.warning("model.loss.weights.speaker: %d training speaker(s), nothing to tell "
                         "apart; speaker-adversarial training is off for this run", n_speakers)
             self.loss_weights["speaker"] = 0.0
-        if self.loss_weights.get("speaker", 0.0) > 0:
+        if self.loss_weights["speaker"] > 0:
             heads = getattr(net, "heads", None)
             if not hasattr(heads, "embedding_dim"):
                 raise ValueError(f"model.loss.weights.speaker needs a net with EmotionHeads "
@@ -232,7 +233,7 @@ class SERModule(pl.LightningModule):
         # sync_dist: under DDP the epoch's loss is the mean over ranks (a no-op in one process)
         self.log(f"{stage}/loss", losses["total"], on_step=False, on_epoch=True, batch_size=size,
                  prog_bar=stage != "train", sync_dist=True)
-        for task in ("emotion", "gender", "vad", "domain", "speaker"):
+        for task in TASKS:
             if task in losses:
                 self.log(f"{stage}/loss_{task}", losses[task], on_step=False, on_epoch=True,
                          batch_size=size, sync_dist=True)
