@@ -286,3 +286,40 @@ def test_average_predictions_averages_probabilities_and_vad_values() -> None:
 def test_average_predictions_rejects_views_with_different_heads() -> None:
     with pytest.raises(ValueError):
         average_predictions([{"emotion": torch.zeros(1, 2)}, {"gender": torch.zeros(1, 2)}])
+
+
+def test_training_segments_are_random_crops_drawn_anew_and_val_test_stay_whole(tmp_path) -> None:
+    from ser_pipeline.corpora import read_synthetic
+    from ser_pipeline.data import SERDataModule
+    from ser_pipeline.features import LogMelFeatures
+
+    features = LogMelFeatures(n_mels=16)
+    data = SERDataModule(
+        "synthetic", lambda r: read_synthetic(r, n_speakers=4, utterances_per_class=2),
+        str(tmp_path / "corpus"), features, ["anger", "happiness", "neutral", "sadness"],
+        split="loso", fold=0, progress=False, train_crop_seconds=0.25)
+    data.setup()
+    segment = int(0.25 * features.sample_rate / features.hop_length) + 1
+    train = data.datasets["train"]
+    torch.manual_seed(0)
+    whole = train.features[0]
+    draws = [train[0]["features"] for _ in range(8)]
+    assert all(d.shape[-1] == segment for d in draws)
+    # each draw is a window of the whole utterance, and the windows differ between draws
+    starts = {next(s for s in range(whole.shape[-1] - segment + 1)
+                   if torch.equal(whole[..., s:s + segment], d)) for d in draws}
+    assert len(starts) > 1
+    for part in ("val", "test"):
+        dataset = data.datasets[part]
+        assert all(torch.equal(dataset[i]["features"], dataset.features[i])
+                   for i in range(len(dataset)))
+        assert max(f.shape[-1] for f in dataset.features) > segment
+
+
+def test_a_training_segment_of_no_length_is_refused(tmp_path) -> None:
+    from ser_pipeline.data import SERDataModule
+    from ser_pipeline.features import LogMelFeatures
+
+    with pytest.raises(ValueError, match="train_crop_seconds"):
+        SERDataModule("synthetic", lambda r: None, str(tmp_path), LogMelFeatures(n_mels=16),
+                      [], train_crop_seconds=0.0)

@@ -204,6 +204,7 @@ class SERDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         max_seconds: float | None = None,
+        train_crop_seconds: float | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
         progress: bool = True,
@@ -227,6 +228,9 @@ class SERDataModule(pl.LightningDataModule):
                                   train_only=list(train_only or []))
         self.batch_size, self.num_workers = batch_size, num_workers
         self.max_seconds, self.cache_dir = max_seconds, cache_dir
+        if train_crop_seconds is not None and train_crop_seconds <= 0:
+            raise ValueError(f"data.train_crop_seconds must be positive, not {train_crop_seconds}")
+        self.train_crop_seconds = train_crop_seconds
         self.seed, self.progress = seed, progress
         self.augment, self.balanced_sampling = dict(augment or {}), balanced_sampling
         if normalization not in NORMALIZATIONS:
@@ -312,13 +316,21 @@ class SERDataModule(pl.LightningDataModule):
         # speaker-adversarial training's classes: (corpus, speaker), as ids of two corpora may clash
         self.train_speakers = sorted(set(zip(rows["train"]["corpus"],
                                              rows["train"]["speaker"].astype(str), strict=True)))
-        crop = None
-        if self.max_seconds is not None:
-            crop = int(self.max_seconds * sample_rate / self.extractor.hop_length) + 1
+        def frames(seconds: float | None) -> int | None:
+            return None if seconds is None else int(seconds * sample_rate
+                                                    / self.extractor.hop_length) + 1
+
+        # max_seconds crops every part (the start of val/test utterances); train_crop_seconds
+        # draws a random segment of each training utterance anew on every access (segment
+        # training: more distinct examples from few utterances) while val/test stay whole
+        crops = {part: frames(self.max_seconds) for part in rows}
+        if self.train_crop_seconds is not None:
+            crops["train"] = frames(self.train_crop_seconds if self.max_seconds is None
+                                    else min(self.train_crop_seconds, self.max_seconds))
         self.datasets = {
             part: UtteranceDataset(frame, [by_id[i] for i in frame["id"]], item_stats[part],
                                    self.classes, self.domains, self.domain_classes,
-                                   crop_frames=crop, random_crop=part == "train",
+                                   crop_frames=crops[part], random_crop=part == "train",
                                    normalization=self.normalization,
                                    speakers=self.train_speakers)
             for part, frame in rows.items()
