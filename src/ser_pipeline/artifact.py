@@ -4,7 +4,8 @@ Layout (fixed file names; nothing else is read)::
 
     model.yaml                  architecture name + kwargs, feature config, labels, ...
     weights.safetensors         the network's state dict
-    preprocessing.safetensors   feature normalisation statistics (training split only)
+    preprocessing.safetensors   feature normalisation statistics (training split only), and
+                                the functionals stream's (``functionals=``) where there is one
 
 Loading never unpickles: YAML is read with ``safe_load``, tensors with
 safetensors, and the network is rebuilt by our own code from an allow-list of
@@ -25,6 +26,7 @@ from torch import nn
 
 from ser_pipeline.features import build_features
 from ser_pipeline.features.batching import FeatureStats
+from ser_pipeline.features.functionals import FunctionalsStream
 from ser_pipeline.files import atomic_write_text
 
 FORMAT_VERSION = 1
@@ -52,6 +54,8 @@ class ModelSpec:
     info: dict[str, Any] = field(default_factory=dict)
     #: ``global`` (the stored training statistics) or ``speaker`` (see ``data.NORMALIZATIONS``)
     normalization: str = "global"
+    #: the functionals stream's ``FunctionalsStream.config()`` (None: the model has none)
+    functionals: dict[str, Any] | None = None
 
     @property
     def sample_rate(self) -> int:
@@ -64,6 +68,7 @@ class LoadedModel:
     net: nn.Module
     extractor: nn.Module
     stats: FeatureStats
+    functionals: FunctionalsStream | None = None
 
 
 def _architectures() -> dict[str, type[nn.Module]]:
@@ -75,9 +80,10 @@ def _architectures() -> dict[str, type[nn.Module]]:
 
 def save_model_dir(
     directory: str | Path, net: nn.Module, kwargs: dict[str, Any], spec_fields: dict[str, Any],
-    stats: FeatureStats,
+    stats: FeatureStats, functionals: FunctionalsStream | None = None,
 ) -> Path:
-    """Write a model directory; ``spec_fields`` are the remaining :class:`ModelSpec` fields."""
+    """Write a model directory; ``spec_fields`` are the remaining :class:`ModelSpec` fields;
+    ``functionals``: the fitted functionals stream the network reads, if any."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     architecture = type(net).__name__
@@ -85,9 +91,13 @@ def save_model_dir(
         raise ValueError(f"{architecture} is not a registered ser_pipeline model")
     spec = {"format_version": FORMAT_VERSION, "architecture": architecture,
             "kwargs": kwargs, **spec_fields}
+    tensors = dict(stats.to_dict())
+    if functionals is not None:
+        spec["functionals"] = functionals.config()
+        tensors.update(functionals_mean=functionals.mean, functionals_std=functionals.std)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, directory / WEIGHTS_FILE)
-    save_file({k: v.contiguous() for k, v in stats.to_dict().items()}, directory / STATS_FILE)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / STATS_FILE)
     atomic_write_text(directory / SPEC_FILE, yaml.safe_dump(spec, sort_keys=False))
     return directory
 
@@ -127,6 +137,8 @@ def read_spec(directory: str | Path) -> ModelSpec:
             f"{sorted(_architectures())}")
     if not isinstance(raw.get("kwargs"), dict) or not isinstance(raw.get("features"), dict):
         raise UnsafeArtifactError(f"{directory / SPEC_FILE}: kwargs and features must be mappings")
+    if not isinstance(raw.get("functionals") or {}, dict):
+        raise UnsafeArtifactError(f"{directory / SPEC_FILE}: functionals must be a mapping")
     if raw.get("normalization", "global") not in ("global", "speaker", "utterance", "level"):
         raise UnsafeArtifactError(f"{directory / SPEC_FILE}: unknown normalization "
                                   f"{raw.get('normalization')!r}")
@@ -158,4 +170,24 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
         raise UnsafeArtifactError(
             f"{directory / STATS_FILE} must hold feature_mean and feature_std of shape {shape}")
     stats = FeatureStats(stats_tensors["feature_mean"], stats_tensors["feature_std"])
-    return LoadedModel(spec, net.eval(), extractor.eval(), stats)
+    return LoadedModel(spec, net.eval(), extractor.eval(), stats,
+                       _load_functionals(directory, spec, stats_tensors))
+
+
+def _load_functionals(directory: Path, spec: ModelSpec, tensors: dict[str, torch.Tensor]
+                      ) -> FunctionalsStream | None:
+    """The fitted functionals stream the spec records (None without one)."""
+    if not spec.functionals:
+        return None
+    mean, std = tensors.get("functionals_mean"), tensors.get("functionals_std")
+    n_inputs = spec.kwargs.get("functionals_dim")
+    if mean is None or std is None or mean.shape != std.shape or mean.dim() != 1 \
+            or mean.numel() != n_inputs:
+        raise UnsafeArtifactError(
+            f"{directory / STATS_FILE} must hold functionals_mean and functionals_std of "
+            f"shape ({n_inputs},) for the functionals stream {directory / SPEC_FILE} records")
+    try:
+        return FunctionalsStream.from_spec(spec.functionals, mean, std)
+    except (TypeError, ValueError, KeyError) as error:
+        raise UnsafeArtifactError(
+            f"{directory / SPEC_FILE}: cannot rebuild its functionals stream ({error})") from error

@@ -12,6 +12,8 @@ A batch is a dict:
 * ``speaker``: ``(batch,)`` long index among the *training* speakers
   (``SERDataModule.train_speakers``), -1 for validation and test speakers (speaker-adversarial
   training, ``model.loss.weights.speaker``);
+* ``functionals``: ``(batch, functionals_dim)`` float32, with a functionals stream only
+  (``functionals=...``): each utterance's vector z-scored with the training statistics;
 * ``ids``: list of utterance ids.
 """
 
@@ -47,6 +49,7 @@ from ser_pipeline.features.batching import (
     remove_level,
 )
 from ser_pipeline.features.cache import FeatureCache, extract_features
+from ser_pipeline.features.functionals import FunctionalsStream
 from ser_pipeline.files import atomic_write_text
 from ser_pipeline.splits import Split, make_split
 
@@ -79,9 +82,11 @@ class UtteranceDataset(Dataset):
         wave_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         normalization: str = "global",
         speakers: list[tuple[str, str]] | None = None,
+        functionals: list[torch.Tensor] | None = None,
     ) -> None:
         """``speakers``: the training speakers as ``(corpus, speaker)``; an item's ``speaker``
-        is its index there, -1 when it is not one of them."""
+        is its index there, -1 when it is not one of them. ``functionals``: every item's
+        normalised utterance vector (the functionals stream), or None without one."""
         self.rows = rows.reset_index(drop=True)
         # one FeatureStats for all (training statistics) or one per item (its speaker's);
         # ``normalization`` says how they apply (``normalize_utterances``, as at inference)
@@ -91,6 +96,7 @@ class UtteranceDataset(Dataset):
         # with waveform augmentation, features are recomputed from an augmented waveform
         self.waveforms, self.wave_transform = waveforms, wave_transform
         self.crop_frames, self.random_crop = crop_frames, random_crop
+        self.functionals = functionals
         class_index = {name: i for i, name in enumerate(classes)}
         self.emotion = torch.tensor([class_index[e] for e in self.rows["emotion"]], dtype=torch.long)
         gender_index = {name: i for i, name in enumerate(GENDERS)}
@@ -126,7 +132,7 @@ class UtteranceDataset(Dataset):
             excess = features.shape[-1] - self.crop_frames
             start = int(torch.randint(0, excess + 1, ())) if self.random_crop else 0
             features = features[..., start : start + self.crop_frames]
-        return {
+        item = {
             "features": features,
             "emotion": self.emotion[index],
             "gender": self.gender[index],
@@ -136,6 +142,9 @@ class UtteranceDataset(Dataset):
             "speaker": self.speaker[index],
             "id": self.rows.at[index, "id"],
         }
+        if self.functionals is not None:
+            item["functionals"] = self.functionals[index]
+        return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -143,6 +152,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {key: torch.stack([item[key] for item in items])
              for key in ("emotion", "gender", "vad", "domain", "class_mask", "speaker")}
     batch.update(features=features, lengths=lengths, ids=[item["id"] for item in items])
+    if "functionals" in items[0]:
+        batch["functionals"] = torch.stack([item["functionals"] for item in items])
     return batch
 
 
@@ -195,6 +206,7 @@ class SERDataModule(pl.LightningDataModule):
         root: str,
         features: nn.Module,
         classes: list[str],
+        functionals: FunctionalsStream | None = None,
         label_map: dict[str, str] | None = None,
         split: str = "loso",
         fold: int = 0,
@@ -220,6 +232,11 @@ class SERDataModule(pl.LightningDataModule):
         super().__init__()
         self.name, self.reader, self.root = name, reader, root
         self.extractor = features
+        # a second stream: one vector per utterance beside the frames (features.functionals)
+        self.functionals = functionals
+        if functionals is not None and functionals.sample_rate != features.sample_rate:
+            raise ValueError(f"the functionals extractor reads {functionals.sample_rate} Hz, the "
+                             f"features {features.sample_rate} Hz: give them one sample_rate")
         # empty (or null): every emotion the corpus has, after label_map, sorted
         self.classes = list(classes or [])
         self.label_map = dict(label_map or {})
@@ -255,6 +272,11 @@ class SERDataModule(pl.LightningDataModule):
     def sample_rate(self) -> int:
         return self.extractor.sample_rate
 
+    @property
+    def functionals_dim(self) -> int:
+        """Length of the functionals stream's vectors (0 without one), after setup."""
+        return 0 if self.functionals is None else self.functionals.n_inputs
+
     def load_manifest(self) -> pd.DataFrame:
         """The corpus manifest restricted (and merged) to ``classes``."""
         manifest = self.reader(self.root)
@@ -284,15 +306,22 @@ class SERDataModule(pl.LightningDataModule):
             manifest["path"].tolist(), compute, cache, f"{self.name} features",
             self.progress and sys.stderr.isatty()  # a bar in a terminal only, not in logs
         )
+        vectors: list[torch.Tensor | None] = [None] * len(features)
+        if self.functionals is not None:
+            vectors = self._functionals_vectors(manifest, features)
         if self.skipped:
             log.warning("skipped %d undecodable file(s):\n%s", len(self.skipped),
                         "\n".join(f"  {p}: {r}" for p, r in self.skipped.items()))
         if cache is not None:
             log.info("feature cache %s: %d hits, %d computed", cache.folder, cache.hits,
                      cache.misses)
-        keep = [f is not None for f in features]
+        keep = [f is not None and (self.functionals is None or v is not None)
+                for f, v in zip(features, vectors, strict=True)]
         self.manifest = manifest[keep].reset_index(drop=True)
-        by_id = dict(zip(self.manifest["id"], [f for f in features if f is not None], strict=True))
+        by_id = dict(zip(self.manifest["id"], [f for f, k in zip(features, keep, strict=True) if k],
+                         strict=True))
+        vector_of = dict(zip(self.manifest["id"], [v for v, k in zip(vectors, keep, strict=True)
+                                                   if k], strict=True))
         self.domains = sorted(self.manifest["corpus"].unique().tolist())
         self.domain_classes = {
             d: sorted(self.manifest.loc[self.manifest["corpus"] == d, "emotion"].unique().tolist())
@@ -305,6 +334,8 @@ class SERDataModule(pl.LightningDataModule):
                 raise ValueError(f"the {part} split is empty after skipping bad files")
         shift = remove_level if self.normalization == "level" else (lambda f: f)
         self.stats = FeatureStats.from_features([shift(by_id[i]) for i in rows["train"]["id"]])
+        if self.functionals is not None:  # z-scored with the training utterances' statistics
+            self.functionals.fit([vector_of[i] for i in rows["train"]["id"]])
         item_stats = {part: self.stats for part in rows}
         if self.normalization == "speaker":  # every speaker's own frames (never its labels)
             by_speaker = {  # keyed with the corpus: speaker ids of two corpora may clash
@@ -332,12 +363,32 @@ class SERDataModule(pl.LightningDataModule):
                                    self.classes, self.domains, self.domain_classes,
                                    crop_frames=crops[part], random_crop=part == "train",
                                    normalization=self.normalization,
-                                   speakers=self.train_speakers)
+                                   speakers=self.train_speakers,
+                                   functionals=None if self.functionals is None else
+                                   [self.functionals.normalize(vector_of[i]) for i in frame["id"]])
             for part, frame in rows.items()
         }
         if self.augment:
             self._enable_wave_augmentation(rows["train"])
         self._prepared = True
+
+    def _functionals_vectors(self, manifest: pd.DataFrame, features: list[torch.Tensor | None]
+                             ) -> list[torch.Tensor | None]:
+        """The functionals stream's raw vector of every row whose features were computed
+        (cached apart from the frame features); a file its extractor fails on is skipped."""
+        stream = self.functionals
+        cache = FeatureCache(self.cache_dir, stream.config()) if self.cache_dir else None
+        wanted = [p for p, f in zip(manifest["path"], features, strict=True) if f is not None]
+        computed, skipped = extract_features(
+            wanted, lambda path: stream.raw(read_audio(path, stream.sample_rate)), cache,
+            f"{self.name} functionals", self.progress and sys.stderr.isatty())
+        self.skipped.update(skipped)
+        if cache is not None:
+            log.info("functionals cache %s: %d hits, %d computed", cache.folder, cache.hits,
+                     cache.misses)
+        by_path = dict(zip(wanted, computed, strict=True))
+        return [by_path.get(p) if f is not None else None
+                for p, f in zip(manifest["path"], features, strict=True)]
 
     def _enable_wave_augmentation(self, train_rows: pd.DataFrame) -> None:
         """Training items get features of a freshly augmented waveform on every access."""

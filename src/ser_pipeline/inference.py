@@ -119,7 +119,7 @@ class Predictor:
             raw = [self.model.extractor(w) for w in waveforms]
         if self.tta_views <= 1:
             features, lengths = pad_batch(self._normalize(raw))
-            outputs = self.model.net(features, lengths)
+            outputs = self._forward(features, lengths, waveforms)
             return {**outputs, "emotion": outputs["emotion"].softmax(-1),
                     "gender": outputs["gender"].softmax(-1)}
         from ser_pipeline.augment import average_predictions, tta_views
@@ -129,9 +129,18 @@ class Predictor:
         for v in range(self.tta_views):
             features, lengths = pad_batch(self._normalize([self.model.extractor(item[v])
                                                            for item in views]))
-            outputs = self.model.net(features, lengths)
+            outputs = self._forward(features, lengths, [item[v] for item in views])
             per_view.append({k: outputs[k] for k in ("emotion", "gender", "vad")})
         return average_predictions(per_view)
+
+    def _forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                 waveforms: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The network on a padded batch; a model with a functionals stream also gets each
+        waveform's normalised vector (computed as in training, from the whole waveform)."""
+        if self.model.functionals is None:
+            return self.model.net(features, lengths)
+        vectors = torch.stack([self.model.functionals(w) for w in waveforms])
+        return self.model.net(features, lengths, functionals=vectors)
 
     def predict_waveform(self, waveform: torch.Tensor) -> dict[str, Any]:
         return self.predict_waveforms([waveform])[0]

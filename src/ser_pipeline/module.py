@@ -192,8 +192,12 @@ class SERModule(pl.LightningModule):
         self.test_probabilities: torch.Tensor | None = None
         self.test_ids: list[str] = []
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(features, lengths)
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                functionals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``functionals``: the batch's functionals-stream vectors, for a model that fuses them."""
+        if functionals is None:
+            return self.net(features, lengths)
+        return self.net(features, lengths, functionals=functionals)
 
     def losses(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         """Per-task losses; tasks without labelled items in the batch are absent."""
@@ -227,7 +231,7 @@ class SERModule(pl.LightningModule):
             features = self.spec_augment(features, batch["lengths"])
         if stage == "train" and self.mixup_alpha > 0:
             return self._mixup_step(batch, features)
-        outputs = self(features, batch["lengths"])
+        outputs = self(features, batch["lengths"], batch.get("functionals"))
         losses = self.losses(outputs, batch)
         size = len(batch["ids"])
         # sync_dist: under DDP the epoch's loss is the mean over ranks (a no-op in one process)
@@ -252,7 +256,10 @@ class SERModule(pl.LightningModule):
 
         onehot = torch.nn.functional.one_hot(batch["emotion"], len(self.class_names)).float()
         mixed = mixup(features, onehot, self.mixup_alpha, lengths=batch["lengths"])
-        outputs = self(mixed.features, mixed.lengths)
+        functionals = batch.get("functionals")
+        if functionals is not None:  # mixed like the features: the same partners and lam
+            functionals = mixed.lam * functionals + (1 - mixed.lam) * functionals[mixed.permutation]
+        outputs = self(mixed.features, mixed.lengths, functionals)
         permuted = {k: (v[mixed.permutation] if torch.is_tensor(v) else v)
                     for k, v in batch.items()}
         total = (mixed.lam * self.losses(outputs, batch)["total"]

@@ -47,7 +47,12 @@ RUN_MARKER = "mlflow_run.json"
 
 
 def build_datamodule(cfg: DictConfig) -> SERDataModule:
-    return instantiate(cfg.data, features=instantiate(cfg.feature), _convert_="partial")
+    """``cfg.data`` with its feature extractor and, when ``functionals=`` names one, the
+    functionals stream (``conf/functionals``: a second extractor, one vector per utterance)."""
+    functionals = cfg.get("functionals")
+    return instantiate(cfg.data, features=instantiate(cfg.feature),
+                       functionals=instantiate(functionals) if functionals else None,
+                       _convert_="partial")
 
 
 #: ``conf/model`` keys that are settings around the module, not :class:`SERModule` arguments:
@@ -96,6 +101,8 @@ def build_module(cfg: DictConfig, datamodule: SERDataModule) -> tuple[SERModule,
     n_classes = len(datamodule.classes)
     kwargs = net_kwargs(cfg, datamodule.in_channels, datamodule.n_features, n_classes,
                         len(datamodule.domains))
+    if datamodule.functionals_dim:  # the functionals stream's vectors, fused before the heads
+        kwargs["functionals_dim"] = datamodule.functionals_dim
     # feature.finetune: the network runs the encoder (architecture, layers, what trains) and
     # starts from its pretrained weights; afterwards they live in the network's state dict
     kwargs.update(getattr(datamodule.extractor, "network_kwargs", dict)())
@@ -329,7 +336,7 @@ def _log_results(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
         "info": {"corpus": datamodule.name, "model": str(cfg.model.name),
                  "run_id": result["run_id"], "split": datamodule.split.summary(),
                  "test_metrics": result.get("test", {})},
-    }, datamodule.stats)
+    }, datamodule.stats, datamodule.functionals)
     result["model_dir"] = str(model_dir)
     tta = int(cfg.model.get("tta_views") or 1)
     if tta > 1 and "test" in result:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ser_pipeline.models.heads import EmotionHeads
-from ser_pipeline.models.layers import BLSTM, FunctionalsBranch, fuse, length_mask
+from ser_pipeline.models.layers import BLSTM, fuse, fusion_branch, length_mask
 from ser_pipeline.models.pooling import AttentionPooling
 
 
@@ -36,6 +36,7 @@ class BlstmLocalAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        functionals_dim: int = 0,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -47,8 +48,7 @@ class BlstmLocalAttn(nn.Module):
         self.blstm = BLSTM(width, lstm_hidden, lstm_layers, lstm_dropout)
         self.attention = AttentionPooling(self.blstm.output_size, hidden_dim=0)
         self.embedding_dim = self.attention.output_dim
-        self.fusion = (FunctionalsBranch(in_channels * n_features, fusion_dim, dropout)
-                       if fusion_dim else None)
+        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout)
         self.heads = EmotionHeads(
             self.embedding_dim + fusion_dim,
             n_emotions,
@@ -69,6 +69,8 @@ class BlstmLocalAttn(nn.Module):
         hidden = self.blstm(self.frame_layers(x), lengths)
         return self.attention(hidden, length_mask(lengths, frames))
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                functionals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
-        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths))
+        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths,
+                               functionals))

@@ -7,9 +7,9 @@ from torch import nn
 
 from ser_pipeline.models.heads import EmotionHeads
 from ser_pipeline.models.layers import (
-    FunctionalsBranch,
     MaskedConvBlock,
     fuse,
+    fusion_branch,
     halve_size,
     length_mask,
     mask_frames,
@@ -47,6 +47,7 @@ class CnnAttnMultitask(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        functionals_dim: int = 0,
     ) -> None:
         super().__init__()
         channels = [in_channels, *conv_channels]
@@ -63,8 +64,7 @@ class CnnAttnMultitask(nn.Module):
         self.attention = AttentionPooling(channels[-1], attention_dim, heads=attention_heads)
         self.project = nn.Sequential(nn.Linear(self.attention.output_dim, embedding_dim), nn.ReLU())
         self.embedding_dim = embedding_dim
-        self.fusion = (FunctionalsBranch(in_channels * n_features, fusion_dim, dropout)
-                       if fusion_dim else None)
+        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout)
         self.heads = EmotionHeads(
             embedding_dim + fusion_dim,
             n_emotions,
@@ -88,6 +88,8 @@ class CnnAttnMultitask(nn.Module):
         mask = length_mask(lengths, frames).repeat_interleave(freq, dim=1)
         return self.project(self.attention(positions, mask))
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                functionals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
-        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths))
+        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths,
+                               functionals))

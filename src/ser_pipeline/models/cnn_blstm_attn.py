@@ -8,9 +8,9 @@ from torch import nn
 from ser_pipeline.models.heads import EmotionHeads
 from ser_pipeline.models.layers import (
     BLSTM,
-    FunctionalsBranch,
     MaskedConvBlock,
     fuse,
+    fusion_branch,
     halve_size,
     length_mask,
     mask_frames,
@@ -46,6 +46,7 @@ class CnnBlstmAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        functionals_dim: int = 0,
     ) -> None:
         super().__init__()
         channels = [in_channels, *conv_channels]
@@ -59,8 +60,7 @@ class CnnBlstmAttn(nn.Module):
         self.blstm = BLSTM(channels[-1] * freq, lstm_hidden, lstm_layers, lstm_dropout)
         self.attention = AttentionPooling(self.blstm.output_size, attention_dim)
         self.embedding_dim = self.attention.output_dim
-        self.fusion = (FunctionalsBranch(in_channels * n_features, fusion_dim, dropout)
-                       if fusion_dim else None)
+        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout)
         self.heads = EmotionHeads(
             self.embedding_dim + fusion_dim,
             n_emotions,
@@ -83,6 +83,8 @@ class CnnBlstmAttn(nn.Module):
         hidden = self.blstm(sequence, lengths)
         return self.attention(hidden, length_mask(lengths, frames))
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                functionals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
-        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths))
+        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths,
+                               functionals))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ser_pipeline.models.heads import EmotionHeads
-from ser_pipeline.models.layers import BLSTM, FunctionalsBranch, fuse, length_mask, mask_frames
+from ser_pipeline.models.layers import BLSTM, fuse, fusion_branch, length_mask, mask_frames
 from ser_pipeline.models.pooling import AttentionPooling
 
 BACKBONES = ("resnet", "alexnet")
@@ -281,6 +281,7 @@ class DcnnBlstmAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        functionals_dim: int = 0,
     ) -> None:
         super().__init__()
         if segment_frames < 1 or not 1 <= segment_hop <= segment_frames:
@@ -303,8 +304,7 @@ class DcnnBlstmAttn(nn.Module):
             width = fc_dim
         self.fc = nn.Sequential(*fc)
         self.embedding_dim = width
-        self.fusion = (FunctionalsBranch(in_channels * n_features, fusion_dim, dropout)
-                       if fusion_dim else None)
+        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout)
         self.heads = EmotionHeads(
             width + fusion_dim,
             n_emotions,
@@ -343,6 +343,8 @@ class DcnnBlstmAttn(nn.Module):
         hidden = self.blstm(sequence, counts)
         return self.fc(self.attention(hidden, valid))
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                functionals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
-        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths))
+        return self.heads(fuse(self.encode(features, lengths), self.fusion, features, lengths,
+                               functionals))

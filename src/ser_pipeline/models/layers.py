@@ -236,9 +236,48 @@ class FunctionalsBranch(nn.Module):
         return self.project(masked_functionals(features, lengths))
 
 
+class VectorBranch(nn.Module):
+    """Fusion branch on a given utterance vector -> a ``(batch, output_dim)`` vector.
+
+    The vector is the data module's second feature stream (``functionals=compare``, ``lld``,
+    ...: see :mod:`ser_pipeline.features.functionals`), already z-scored with the training
+    statistics, so that the heads see what an SVM on those functionals sees.
+    """
+
+    def __init__(self, n_inputs: int, output_dim: int, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.project = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_inputs, output_dim),
+                                     nn.ReLU())
+        self.output_dim = output_dim
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.project(vectors)
+
+
+def fusion_branch(n_rows: int, fusion_dim: int, functionals_dim: int,
+                  dropout: float) -> nn.Module | None:
+    """A model's fusion branch: none (``fusion_dim=0``), on the data's utterance vectors
+    (``functionals_dim > 0``) or on functionals of the model's own input rows."""
+    if not fusion_dim:
+        if functionals_dim:
+            raise ValueError("a functionals stream needs model.net.fusion_dim > 0 to be used")
+        return None
+    if functionals_dim:
+        return VectorBranch(functionals_dim, fusion_dim, dropout)
+    return FunctionalsBranch(n_rows, fusion_dim, dropout)
+
+
 def fuse(embedding: torch.Tensor, branch: nn.Module | None, features: torch.Tensor,
-         lengths: torch.Tensor) -> torch.Tensor:
-    """``embedding`` with the fusion ``branch``'s vector appended (unchanged without one)."""
+         lengths: torch.Tensor, functionals: torch.Tensor | None = None) -> torch.Tensor:
+    """``embedding`` with the fusion ``branch``'s vector appended (unchanged without one).
+
+    ``functionals``: the ``(batch, functionals_dim)`` utterance vectors a
+    :class:`VectorBranch` needs (the batch's ``functionals``).
+    """
     if branch is None:
         return embedding
+    if isinstance(branch, VectorBranch):
+        if functionals is None:
+            raise ValueError("this model fuses a functionals stream: call it with functionals=")
+        return torch.cat([embedding, branch(functionals)], dim=-1)
     return torch.cat([embedding, branch(features, lengths)], dim=-1)

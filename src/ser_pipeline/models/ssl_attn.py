@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ser_pipeline.models.heads import EmotionHeads
-from ser_pipeline.models.layers import FunctionalsBranch, fuse, length_mask
+from ser_pipeline.models.layers import fuse, fusion_branch, length_mask
 from ser_pipeline.models.pooling import AttentionPooling
 from ser_pipeline.models.speech_encoder import SpeechEncoder
 
@@ -26,8 +26,9 @@ class SslAttn(nn.Module):
     (the SUPERB protocol: which layers matter is learnt, the encoder stays frozen), a linear
     projection with ReLU maps each frame to ``projection_dim``, masked attention pooling
     gives the utterance embedding ``(batch, projection_dim)``, then :class:`EmotionHeads`.
-    ``fusion_dim > 0`` appends a :class:`FunctionalsBranch` vector of the mixed sequence's
-    utterance functionals (of the ``dim`` rows: the layer mix, not every layer) to it.
+    ``fusion_dim > 0`` appends a :class:`~ser_pipeline.models.layers.FunctionalsBranch` vector of the mixed sequence's
+    utterance functionals (of the ``dim`` rows: the layer mix, not every layer) to it, or, with a
+    functionals stream (``functionals_dim > 0``), a :class:`VectorBranch` of those vectors.
 
     ``encoder``: fine-tuning (``feature=ssl feature.finetune=true|N``). The input is then the
     waveform ``(batch, 1, 1, samples)`` with ``lengths`` in samples, and ``encoder`` holds the
@@ -52,6 +53,7 @@ class SslAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        functionals_dim: int = 0,
         encoder: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -64,7 +66,7 @@ class SslAttn(nn.Module):
                                         nn.Dropout(dropout))
         self.attention = AttentionPooling(projection_dim, attention_dim)
         self.embedding_dim = self.attention.output_dim
-        self.fusion = FunctionalsBranch(n_features, fusion_dim, dropout) if fusion_dim else None
+        self.fusion = fusion_branch(n_features, fusion_dim, functionals_dim, dropout)
         self.heads = EmotionHeads(self.embedding_dim + fusion_dim, n_emotions, n_genders, n_dims, n_domains,
                                   domain_adversarial, dropout, hidden_dim=head_hidden)
 
@@ -101,11 +103,14 @@ class SslAttn(nn.Module):
         return [group for group in ({"params": rest}, {"params": encoder, "lr": encoder_lr})
                 if group["params"]]
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor,
+                functionals: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """See :class:`EmotionHeads` for the returned keys and shapes."""
         features, lengths = self.hidden_states(features, lengths)
         embedding = self.encode(features, lengths)
         if self.fusion is None:
             return self.heads(embedding)
+        if functionals is not None:
+            return self.heads(fuse(embedding, self.fusion, features, lengths, functionals))
         mixed = self.mix_layers(features).unsqueeze(1)  # (batch, 1, dim, frames)
         return self.heads(fuse(embedding, self.fusion, mixed, lengths))
