@@ -245,3 +245,20 @@ def test_train_py_with_a_functionals_stream_logs_a_model_that_infer_py_serves(tm
     out, err = capsys.readouterr()
     assert status == 0, err[-3000:]
     assert json.loads(out.splitlines()[0])["emotion"] in DEFAULT_EMOTIONS
+
+
+@pytest.mark.parametrize("stream", ["lld", "compare", "egemaps"])
+def test_every_stream_config_composes_and_every_fold_of_a_cross_validation_gets_it(
+        stream, tmp_path):
+    from bench.common import compose_train_config
+    from ser_pipeline.crossval import _datamodule
+
+    cfg = compose_train_config([f"functionals={stream}", "model.net.fusion_dim=8"], tmp_path)
+    assert cfg.functionals._target_.endswith("FunctionalsStream")
+    if stream != "lld":  # openSMILE sets: the optional extra may be absent here
+        pytest.importorskip("opensmile")
+    fold_data = _datamodule(cfg, tmp_path / "manifest.csv")
+    assert isinstance(fold_data.functionals, FunctionalsStream)
+    plain = compose_train_config([], tmp_path)
+    assert plain.get("functionals") is None
+    assert _datamodule(plain, tmp_path / "manifest.csv").functionals is None

@@ -59,7 +59,7 @@ from ser_pipeline.corpora.manifest import read_manifest, write_manifest
 from ser_pipeline.data import SERDataModule
 from ser_pipeline.metrics import summarise_folds as summarise_metrics
 from ser_pipeline.splits import Split, count_folds, make_split
-from ser_pipeline.training import log_prediction_reports, train
+from ser_pipeline.training import build_datamodule, log_prediction_reports, train
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ MANIFEST_FILE = "manifest.csv"
 
 def _datamodule(cfg: DictConfig, manifest: Path) -> SERDataModule:
     """The configured data module, reading the ``manifest`` file instead of the corpus folder."""
-    return instantiate(cfg.data, features=instantiate(cfg.feature),
-                       reader=lambda _root: read_manifest(manifest), _convert_="partial")
+    return build_datamodule(cfg, reader=lambda _root: read_manifest(manifest))
 
 
 def fold_config(cfg: DictConfig, fold: int, output_dir: Path) -> DictConfig:

@@ -46,13 +46,14 @@ log = logging.getLogger(__name__)
 RUN_MARKER = "mlflow_run.json"
 
 
-def build_datamodule(cfg: DictConfig) -> SERDataModule:
+def build_datamodule(cfg: DictConfig, **overrides: Any) -> SERDataModule:
     """``cfg.data`` with its feature extractor and, when ``functionals=`` names one, the
-    functionals stream (``conf/functionals``: a second extractor, one vector per utterance)."""
+    functionals stream (``conf/functionals``: a second extractor, one vector per utterance);
+    ``overrides``: further arguments (cross-validation's folds read one manifest file)."""
     functionals = cfg.get("functionals")
     return instantiate(cfg.data, features=instantiate(cfg.feature),
                        functionals=instantiate(functionals) if functionals else None,
-                       _convert_="partial")
+                       **overrides, _convert_="partial")
 
 
 #: ``conf/model`` keys that are settings around the module, not :class:`SERModule` arguments:
