@@ -116,7 +116,19 @@ def run_settings(overrides: list[str]) -> dict[str, str]:
     return {"tracking_uri": resolve_tracking_uri(mlflow_cfg.get("tracking_uri"),
                                                  Path(cfg.paths.mlruns_dir)),
             "experiment": str(mlflow_cfg.experiment_name),
-            "normalization": str(cfg.data.get("normalization", "global"))}
+            "normalization": str(cfg.data.get("normalization", "global")),
+            "functionals": functionals_name(cfg)}
+
+
+def functionals_name(cfg: Any) -> str | None:
+    """The functionals stream a run fuses (``functionals=``), by its feature set: ``lld``,
+    ``ComParE_2016``, ``eGeMAPSv02``; None without one."""
+    stream = cfg.get("functionals")
+    if not stream:
+        return None
+    extractor = stream.extractor
+    return str(extractor.get("feature_set") or extractor._target_.rsplit(".", 1)[-1]
+               .removesuffix("Features").lower())
 
 
 def run_train(overrides: list[str], threads: int | None) -> tuple[int, float, float]:
@@ -260,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mb": peak,
                 "tracking_uri": settings["tracking_uri"],
                 "normalization": settings["normalization"],
+                "functionals": settings["functionals"],
                 "recipe": recipe_of(args.overrides),
                 "label": args.label,
                 **accuracy_result(read_cross_validation(settings["tracking_uri"],

@@ -179,11 +179,14 @@ def _run_load(result: dict[str, Any]) -> str:
 
 def _feature_label(result: dict[str, Any]) -> str:
     normalization = result.get("normalization", "global")
+    feature = result["feature"]
+    if result.get("functionals"):  # the functionals stream fused beside the frames
+        feature += f" + {result['functionals']} functionals"
     if normalization == "global":
-        return result["feature"]
+        return feature
     if normalization in INDUCTIVE:
-        return f"{result['feature']}, {normalization}-normalised"
-    return f"{result['feature']}, {normalization}-normalised (transductive)"
+        return f"{feature}, {normalization}-normalised"
+    return f"{feature}, {normalization}-normalised (transductive)"
 
 
 def ablation_section(results_dir: Path) -> list[str]:
