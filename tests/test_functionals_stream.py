@@ -262,3 +262,21 @@ def test_every_stream_config_composes_and_every_fold_of_a_cross_validation_gets_
     plain = compose_train_config([], tmp_path)
     assert plain.get("functionals") is None
     assert _datamodule(plain, tmp_path / "manifest.csv").functionals is None
+
+
+def test_the_compare_stream_is_level_invariant_up_to_a_few_thresholded_functionals():
+    """openSMILE's 6,373 ComParE functionals after the level step: float rounding moves a few
+    threshold decisions (a frame voiced or not), nothing else follows the gain."""
+    pytest.importorskip("opensmile")
+    from ser_pipeline.features.opensmile import OpenSmileFeatures
+
+    stream = FunctionalsStream(OpenSmileFeatures(feature_set="ComParE_2016", level="functionals"))
+    waves = speech_like(4)
+    stream.fit([stream.raw(w) for w in waves])
+    assert stream.summary == "vector" and stream.n_inputs == 6373
+    for wave in waves[:2]:
+        reference = stream(wave)
+        for db in GAINS_DB:
+            moved = (stream(gained(wave, db)) - reference).abs()
+            assert moved.mean() < 0.01, db  # training standard deviations
+            assert (moved > 0.1).float().mean() < 0.002, db  # at most ~12 of 6,373
