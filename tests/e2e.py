@@ -65,3 +65,22 @@ def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 120) -> Non
         except OSError:
             time.sleep(0.5)  # polling a starting server, not waiting for a fixed time
     raise TimeoutError(url)
+
+
+def served_test_accuracy(client, run_id: str, root: Path, model_dir: Path
+                         ) -> tuple[list[Path], float]:
+    """The synthetic test speaker's files of a ``train.py`` run in ``root`` and the accuracy
+    ``Predictor`` on ``model_dir`` reaches on them (to compare with the logged ``test/wa``)."""
+    import json
+
+    import numpy as np
+
+    from ser_pipeline.inference import Predictor
+
+    summary = json.loads(Path(client.download_artifacts(
+        run_id, "data/summary.json", str(root))).read_text())
+    [speaker] = summary["test"]["speakers"]
+    wavs = sorted((root / "data" / "synthetic" / "wav" / speaker).glob("*.wav"))
+    predictor = Predictor.from_dir(model_dir)
+    correct = [predictor.predict_file(w)["emotion"] == w.stem.split("_")[1] for w in wavs]
+    return wavs, float(np.mean(correct))

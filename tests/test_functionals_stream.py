@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -27,7 +26,7 @@ from ser_pipeline.features.functionals import FunctionalsStream, set_level
 from ser_pipeline.features.lld import LLDFeatures
 from ser_pipeline.inference import Predictor
 from ser_pipeline.models import MODELS
-from tests.e2e import FAST, run_script, store_uri
+from tests.e2e import FAST, run_script, served_test_accuracy, store_uri
 from tests.test_level_robustness import GAINS_DB, PROBABILITY_TOLERANCE, gained, speech_like
 
 #: 34 LLDs and their deltas x 8 functionals (the SVM reference's vector)
@@ -231,13 +230,8 @@ def test_train_py_with_a_functionals_stream_logs_a_model_that_infer_py_serves(tm
     spec = yaml.safe_load((model_dir / SPEC_FILE).read_text())
     assert spec["functionals"]["extractor"]["name"] == "lld"
     assert spec["kwargs"]["functionals_dim"] == LLD_INPUTS
-    summary = json.loads(Path(client.download_artifacts(
-        run.info.run_id, "data/summary.json", str(tmp_path))).read_text())
-    [speaker] = summary["test"]["speakers"]
-    wavs = sorted((root / "data" / "synthetic" / "wav" / speaker).glob("*.wav"))
-    predictor = Predictor.from_dir(model_dir)
-    correct = [predictor.predict_file(w)["emotion"] == w.stem.split("_")[1] for w in wavs]
-    assert np.mean(correct) == pytest.approx(run.data.metrics["test/wa"], abs=1e-6)
+    wavs, accuracy = served_test_accuracy(client, run.info.run_id, root, model_dir)
+    assert accuracy == pytest.approx(run.data.metrics["test/wa"], abs=1e-6)
 
     from ser_pipeline.infer_cli import main  # what infer.py runs
 

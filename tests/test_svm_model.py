@@ -35,7 +35,7 @@ from ser_pipeline.classic import (
     utterance_vector,
 )
 from ser_pipeline.features.batching import pad_batch
-from tests.e2e import run_script, store_uri
+from tests.e2e import run_script, served_test_accuracy, store_uri
 from tests.test_safe_loading import _Payload
 
 CLASSES = ["anger", "happiness", "neutral", "sadness"]
@@ -195,17 +195,10 @@ def test_model_is_registered_and_its_directory_is_yaml_and_safetensors_only(trai
 @pytest.mark.slow
 def test_served_predictions_reproduce_the_logged_test_accuracy(trained):
     """Predictor on the test speaker's files gives exactly the run's test WA: one code path."""
-    from ser_pipeline.inference import Predictor
-
     root, _, client, run, model_dir = trained
-    summary = json.loads(Path(client.download_artifacts(
-        run.info.run_id, "data/summary.json", str(root))).read_text())
-    [speaker] = summary["test"]["speakers"]
-    wavs = sorted((root / "data" / "synthetic" / "wav" / speaker).glob("*.wav"))
-    predictor = Predictor.from_dir(model_dir)
-    correct = [predictor.predict_file(w)["emotion"] == w.stem.split("_")[1] for w in wavs]
+    wavs, accuracy = served_test_accuracy(client, run.info.run_id, root, model_dir)
     assert len(wavs) == 16
-    assert np.mean(correct) == pytest.approx(run.data.metrics["test/wa"], abs=1e-12)
+    assert accuracy == pytest.approx(run.data.metrics["test/wa"], abs=1e-12)
 
 
 @pytest.mark.slow

@@ -70,7 +70,6 @@ class FunctionalsStream:
         return {"extractor": self.extractor.config(), "summary": self.summary,
                 "level_dbfs": self.level_dbfs, "clip": self.clip}
 
-
     @classmethod
     def from_spec(cls, spec: dict[str, Any], mean: torch.Tensor,
                   std: torch.Tensor) -> FunctionalsStream:
