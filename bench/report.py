@@ -195,13 +195,14 @@ def ablation_section(results_dir: Path) -> list[str]:
     if not runs:
         return []
     runs.sort(key=lambda r: r.get("started_at", ""))  # in the order the levers were tried
-    table = [[str(i), r.get("label") or "-", r["corpus"], r["protocol"],
+    table = [[str(i), r["model"], r.get("label") or "-", r["corpus"], r["protocol"],
               f"{r['folds_run']}/{r['n_folds']}",
               mean_std(r["mean"]["val_uar"], r["std"]["val_uar"]),
               mean_std(r["mean"]["uar"], r["std"]["uar"]), f"{r['epochs_mean']:.1f}",
               f"{r['wall_seconds'] / 60:.1f} min", _run_load(r)] for i, r in enumerate(runs, 1)]
     lines = ["### Ablation: one lever at a time (chosen on validation speakers)", "",
-             format_table(["#", "levers (each line lists every one it uses)", "corpus", "protocol",
+             format_table(["#", "model", "levers (each line lists every one it uses)", "corpus",
+                           "protocol",
                            "folds", "val UAR (selection)", "test UAR", "epochs", "wall time",
                            "load/CPU"], table, markdown=True), "",
              "Recipes were chosen by the mean *validation* UAR over folds (each fold's best "
