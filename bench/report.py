@@ -189,12 +189,19 @@ def _feature_label(result: dict[str, Any]) -> str:
     return f"{feature}, {normalization}-normalised (transductive)"
 
 
+def _ablation_number(source: str) -> int:
+    """``n`` of an ablation file ``A<n>_<what>.json`` (files without one go last)."""
+    digits = source[1:].split("_", 1)[0].split(".", 1)[0]
+    return int(digits) if source[:1] == "A" and digits.isdigit() else 1 << 30
+
+
 def ablation_section(results_dir: Path) -> list[str]:
     """One line per ablation run (``bench/results/ablation/*.json``, ``accuracy.py --label``)."""
     runs = [r for r in load_results(results_dir / "ablation") if r["benchmark"] == "accuracy"]
     if not runs:
         return []
-    runs.sort(key=lambda r: r.get("started_at", ""))  # in the order the levers were tried
+    # in the order the lines were added (A<n>_*.json), so that a label's "line <n>" stays put
+    runs.sort(key=lambda r: (_ablation_number(r["source"]), r.get("started_at", "")))
     table = [[str(i), r["model"], r.get("label") or "-", r["corpus"], r["protocol"],
               f"{r['folds_run']}/{r['n_folds']}",
               mean_std(r["mean"]["val_uar"], r["std"]["val_uar"]),
