@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -191,8 +192,8 @@ def _feature_label(result: dict[str, Any]) -> str:
 
 def _ablation_number(source: str) -> int:
     """``n`` of an ablation file ``A<n>_<what>.json`` (files without one go last)."""
-    digits = source[1:].split("_", 1)[0].split(".", 1)[0]
-    return int(digits) if source[:1] == "A" and digits.isdigit() else 1 << 30
+    match = re.match(r"A(\d+)", source)
+    return int(match[1]) if match else 1 << 30
 
 
 def ablation_section(results_dir: Path) -> list[str]:
@@ -209,9 +210,8 @@ def ablation_section(results_dir: Path) -> list[str]:
               f"{r['wall_seconds'] / 60:.1f} min", _run_load(r)] for i, r in enumerate(runs, 1)]
     lines = ["### Ablation: one lever at a time (chosen on validation speakers)", "",
              format_table(["#", "model", "levers (each line lists every one it uses)", "corpus",
-                           "protocol",
-                           "folds", "val UAR (selection)", "test UAR", "epochs", "wall time",
-                           "load/CPU"], table, markdown=True), "",
+                           "protocol", "folds", "val UAR (selection)", "test UAR", "epochs",
+                           "wall time", "load/CPU"], table, markdown=True), "",
              "Recipes were chosen by the mean *validation* UAR over folds (each fold's best "
              "epoch on its validation speakers); the test UAR column is reported, never used "
              "to choose. Each line is reproduced by:", ""]
