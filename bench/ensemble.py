@@ -9,6 +9,12 @@ macro-F1 per fold (mean ± std). The members are weighted equally: no weight is 
 nothing is chosen on the test speakers. Runs whose folds do not hold the same test speakers
 are refused.
 
+``--part val`` scores each fold's *validation* speakers instead, so that whether an ensemble
+beats its members can be decided without looking at the test speakers. The members must then
+share their validation speakers too: train seed ensembles with one split seed
+(``seed=<k> data.seed=0``); each member's validation UAR is that of its best epoch on those
+speakers, so the figure is optimistic in the same way a single model's selection UAR is.
+
 Example::
 
     python bench/ensemble.py --cv-dir outputs/train/<deep-run> --cv-dir outputs/train/<svm-run> \\
@@ -42,8 +48,9 @@ from ser_pipeline.metrics import label_scores, summarise_folds  # noqa: E402
 METRICS = ("uar", "wa", "f1")
 
 
-def evaluate_fold(model_dirs: list[Path], manifest: Any) -> dict[str, Any]:
-    """Ensemble and member scores of one fold's models on that fold's test speakers.
+def evaluate_fold(model_dirs: list[Path], manifest: Any, part: str = "test") -> dict[str, Any]:
+    """Ensemble and member scores of one fold's models on that fold's ``part`` speakers
+    (``test`` or ``val``).
 
     Each member scores every utterance once; the ensemble is the mean of their class
     probabilities, which is what :class:`EnsemblePredictor` computes (checked on the first
@@ -55,9 +62,9 @@ def evaluate_fold(model_dirs: list[Path], manifest: Any) -> dict[str, Any]:
     from ser_pipeline.inference import EnsemblePredictor, Predictor
 
     members = [Predictor.from_dir(d) for d in model_dirs]
-    speakers = [sorted(map(str, m.spec.info["split"]["test_speakers"])) for m in members]
+    speakers = [sorted(map(str, m.spec.info["split"][f"{part}_speakers"])) for m in members]
     if any(s != speakers[0] for s in speakers):
-        raise SystemExit(f"the runs' folds hold different test speakers: {speakers}")
+        raise SystemExit(f"the runs' folds hold different {part} speakers: {speakers}")
     classes = members[0].classes
     rows = manifest[manifest["speaker"].astype(str).isin(speakers[0])
                     & manifest["emotion"].isin(classes)]
@@ -76,7 +83,7 @@ def evaluate_fold(model_dirs: list[Path], manifest: Any) -> dict[str, Any]:
     def score(probs: np.ndarray) -> dict[str, float]:
         return label_scores(truth, [classes[i] for i in probs.argmax(1)])
 
-    return {"test_speakers": speakers[0], "utterances": len(rows), "ensemble": score(mean),
+    return {f"{part}_speakers": speakers[0], "utterances": len(rows), "ensemble": score(mean),
             "members": [score(p) for p in probabilities] if len(members) > 1 else []}
 
 
@@ -86,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder of a data.fold=all run (repeat: one per member)")
     parser.add_argument("--corpus", default="emodb", help="the corpus the folds were trained on")
     parser.add_argument("--root", help="its folder (default: the data config's root)")
+    parser.add_argument("--part", choices=("test", "val"), default="test",
+                        help="score the folds' test speakers, or their validation speakers "
+                             "(to decide on an ensemble without the test speakers)")
     parser.add_argument("--name", required=True, help="result file suffix")
     parser.add_argument("--label", help="what the members are (stored in the result)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -100,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     if len({len(r) for r in runs}) != 1:
         raise SystemExit(f"the runs have different fold counts: {[len(r) for r in runs]}")
     manifest = read_corpus(args.corpus, args.root)
-    folds = [evaluate_fold(list(dirs), manifest) for dirs in zip(*runs, strict=True)]
+    folds = [evaluate_fold(list(dirs), manifest, args.part) for dirs in zip(*runs, strict=True)]
     result: dict[str, Any] = {
-        "benchmark": "ensemble", "corpus": args.corpus, "label": args.label,
+        "benchmark": "ensemble", "corpus": args.corpus, "part": args.part,
+        "label": args.label,
         "cv_dirs": [str(d) for d in args.cv_dir], "n_folds": len(folds),
         "ensemble": summarise_folds([f["ensemble"] for f in folds], METRICS),
         "members": [summarise_folds([f["members"][i] for f in folds], METRICS)
@@ -116,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                    for k in METRICS)])
     print(format_table(["model", "UAR", "WA", "macro-F1"], rows))
     result["wall_seconds"] = time.perf_counter() - started
-    path = write_result(result, f"ensemble-{args.name}", args.results_dir)
+    suffix = "" if args.part == "test" else f"-{args.part}"
+    path = write_result(result, f"ensemble-{args.name}{suffix}", args.results_dir)
     print(f"wrote {path}")
     return 0
 

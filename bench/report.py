@@ -429,15 +429,17 @@ def ensemble_section(results: list[dict[str, Any]]) -> list[str]:
     for r in runs:
         members = " + ".join(f"{m['mean']['uar']:.3f}" for m in r["members"]) or "-"
         table.append([r["source"].removeprefix("ensemble-").removesuffix(".json"),
-                      r.get("label") or "-", r["corpus"], str(r["n_folds"]), members,
+                      r.get("label") or "-", r["corpus"], r.get("part", "test"),
+                      str(r["n_folds"]), members,
                       mean_std(r["ensemble"]["mean"]["uar"], r["ensemble"]["std"]["uar"]),
                       mean_std(r["ensemble"]["mean"]["wa"], r["ensemble"]["std"]["wa"])])
     lines = ["### Ensembles: several cross-validations averaged fold for fold", "",
-             format_table(["run", "members", "corpus", "folds", "members' UAR", "ensemble UAR",
-                           "ensemble WA"], table, markdown=True),
+             format_table(["run", "members", "corpus", "speakers", "folds", "members' UAR",
+                           "ensemble UAR", "ensemble WA"], table, markdown=True),
              "", "Each fold's models (one per run, the same test speakers) average their class "
              "probabilities with equal weights (nothing fitted on the test speakers). "
-             "Reproduce:", ""]
+             "*speakers*: the folds' test speakers, or their validation speakers (`--part val`: "
+             "how an ensemble is chosen without the test speakers). Reproduce:", ""]
     lines += [f"- `{r['command']}`" for r in runs]
     return [*lines, ""]
 

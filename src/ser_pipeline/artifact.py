@@ -7,6 +7,11 @@ Layout (fixed file names; nothing else is read)::
     preprocessing.safetensors   feature normalisation statistics (training split only), and
                                 the functionals stream's (``functionals=``) where there is one
 
+An *ensemble* directory (late fusion of several models, e.g. a recipe's seeds) holds
+``ensemble.yaml`` (its members' folder names) and one such model directory per member in a
+sub-folder; it is used wherever a model directory is (``infer.py --model``, the pyfunc model,
+the registry), its members' class probabilities averaged.
+
 Loading never unpickles: YAML is read with ``safe_load``, tensors with
 safetensors, and the network is rebuilt by our own code from an allow-list of
 architectures, so a planted pickle or an unknown class name is refused.
@@ -33,6 +38,7 @@ FORMAT_VERSION = 1
 SPEC_FILE = "model.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 STATS_FILE = "preprocessing.safetensors"
+ENSEMBLE_FILE = "ensemble.yaml"
 
 
 class UnsafeArtifactError(ValueError):
@@ -100,6 +106,65 @@ def save_model_dir(
     save_file({k: v.contiguous() for k, v in tensors.items()}, directory / STATS_FILE)
     atomic_write_text(directory / SPEC_FILE, yaml.safe_dump(spec, sort_keys=False))
     return directory
+
+
+def is_model_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a model directory or an ensemble directory."""
+    directory = Path(directory)
+    return (directory / SPEC_FILE).is_file() or (directory / ENSEMBLE_FILE).is_file()
+
+
+def save_ensemble_dir(directory: str | Path, members: list[str | Path]) -> Path:
+    """Write an ensemble directory of the model directories ``members`` (copied, in order, as
+    ``member<i>/``; members that are ensembles themselves are flattened into their members)."""
+    import shutil
+
+    flat = [m for member in members for m in ensemble_members(member)]
+    if not flat:
+        raise ValueError("an ensemble needs at least one model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, member in enumerate(flat):
+        read_spec(member)  # only what loads is copied
+        names.append(f"member{i}")
+        target = directory / names[-1]
+        target.mkdir(exist_ok=True)
+        for name in (SPEC_FILE, WEIGHTS_FILE, STATS_FILE):
+            shutil.copyfile(_inside(Path(member), name), target / name)
+    atomic_write_text(directory / ENSEMBLE_FILE, yaml.safe_dump(
+        {"format_version": FORMAT_VERSION, "members": names}, sort_keys=False))
+    return directory
+
+
+def ensemble_members(directory: str | Path) -> list[Path]:
+    """The model directories ``directory`` stands for: itself, or an ensemble's members.
+
+    An ensemble's member names must be plain sub-folders of it (no path separators, no
+    links out): anything else is refused as :class:`UnsafeArtifactError`.
+    """
+    directory = Path(directory)
+    if not (directory / ENSEMBLE_FILE).is_file():
+        return [directory]
+    try:
+        raw = yaml.safe_load(_inside(directory, ENSEMBLE_FILE).read_text())
+    except yaml.YAMLError as error:
+        raise UnsafeArtifactError(f"{directory / ENSEMBLE_FILE} is not plain YAML: {error}"
+                                  ) from error
+    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION \
+            or not isinstance(raw.get("members"), list) or not raw["members"]:
+        raise UnsafeArtifactError(f"{directory / ENSEMBLE_FILE}: unknown ensemble format")
+    members = []
+    for name in raw["members"]:
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
+                or "\\" in name:
+            raise UnsafeArtifactError(
+                f"{directory / ENSEMBLE_FILE}: member {name!r} is not a sub-folder name")
+        member = directory / name
+        if not member.resolve().is_relative_to(directory.resolve()):
+            raise UnsafeArtifactError(f"{member} points outside its ensemble directory")
+        members.append(member)
+    return members
 
 
 def _inside(directory: Path, name: str) -> Path:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ser_pipeline import tracking
 from ser_pipeline.audio import AudioError, read_audio
-from ser_pipeline.inference import Predictor
+from ser_pipeline.inference import EnsemblePredictor, Predictor
 from ser_pipeline.metrics import confusion_report, label_scores
 from ser_pipeline.model_uri import model_cache_dir, resolve_model
 from ser_pipeline.reports import build_reports
@@ -179,7 +179,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     uri = cfg.get("model_uri")
     model_dir = resolve_model(str(uri) if uri else None, tracking_uri,
                               model_cache_dir(cfg.paths.root_dir))
-    predictor = Predictor.from_dir(model_dir, tta_views=int(cfg.eval.get("tta_views") or 1))
+    # a model or an ensemble directory (its members' probabilities averaged)
+    predictor = EnsemblePredictor.from_dirs([model_dir],
+                                            tta_views=int(cfg.eval.get("tta_views") or 1))
     info = dict(predictor.spec.info or {})
     source_corpus = str(info.get("corpus", "unknown"))
 

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive(int), metavar="N",
                         help="CPU threads for the model (default: PyTorch's choice); 1 is "
                         "often fastest for live speech on a busy machine")
+    ensemble = parser.add_argument_group("ensembles")
+    ensemble.add_argument("--save-ensemble", type=Path, metavar="DIR",
+                          help="write the --model models as one ensemble model directory DIR "
+                          "(then --model DIR, eval.py and MLflow's pyfunc model use it) and exit")
+    ensemble.add_argument("--register", metavar="NAME",
+                          help="with --save-ensemble: log DIR as the pyfunc model of a new run "
+                          "in the tracking store and register it as model NAME")
     vad = parser.add_argument_group("speech detection")
     vad.add_argument("--vad-aggressiveness", type=int, choices=range(4), default=2,
                      help="webrtcvad mode: 0 keeps most audio, 3 drops most non-speech")
@@ -311,6 +318,12 @@ def run_microphone(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.register and not args.save_ensemble:
+        parser.error("--register needs --save-ensemble DIR")
+    if args.save_ensemble:
+        if args.inputs or args.mic:
+            parser.error("--save-ensemble writes a model and exits: give no audio or --mic")
+        return save_ensemble(args)
     if args.mic and args.inputs:
         parser.error("give audio files or --mic, not both")
     if not (args.mic or args.inputs or args.list_devices):
@@ -351,6 +364,41 @@ def main(argv: list[str] | None = None) -> int:
 def _segmenter_config(args: argparse.Namespace) -> SegmenterConfig:
     return SegmenterConfig(aggressiveness=args.vad_aggressiveness,
                            min_speech_ms=args.min_speech_ms, max_utterance_s=args.max_utterance_s)
+
+
+def save_ensemble(args: argparse.Namespace) -> int:
+    """``--save-ensemble DIR [--register NAME]``: the ``--model`` models as one directory."""
+    from ser_pipeline.artifact import save_ensemble_dir
+
+    try:
+        directories = [resolve_model(u, args.tracking_uri) for u in args.model or [None]]
+        save_ensemble_dir(args.save_ensemble, directories)
+        predictor = EnsemblePredictor.from_dirs([args.save_ensemble])  # it loads, or it fails
+    except (ModelNotFoundError, UnsafeArtifactError, ValueError, OSError) as error:
+        _fail(str(error))
+        return 1
+    members = len(getattr(predictor, "members", [predictor]))
+    print(f"wrote {args.save_ensemble}: an ensemble of {members} model(s), classes "
+          f"{', '.join(predictor.classes)}")
+    if args.register:
+        import mlflow
+
+        from ser_pipeline import tracking
+        from ser_pipeline.packaging import log_pyfunc_model
+
+        uri = args.tracking_uri or tracking.resolve_tracking_uri(None, Path("mlruns"))
+        mlflow.set_tracking_uri(uri)
+        # a local SQLite store keeps artifacts beside it, as training's runs do
+        artifact_root = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+                         if uri.startswith("sqlite:///") else None)
+        experiment = tracking.get_or_create_experiment("ser-pipeline", artifact_root)
+        with mlflow.start_run(experiment_id=experiment, run_name="ensemble",
+                              tags={"ensemble_members": str(members)}):
+            mlflow.log_param("members", json.dumps([str(u) for u in args.model or []]))
+            info = log_pyfunc_model(args.save_ensemble)
+        version = mlflow.register_model(info.model_uri, args.register)
+        print(f"registered models:/{version.name}/{version.version} ({info.model_uri}) in {uri}")
+    return 0
 
 
 def _load_predictor(args: argparse.Namespace) -> Predictor | None:

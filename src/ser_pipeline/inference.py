@@ -193,7 +193,12 @@ class EnsemblePredictor(Predictor):
     @classmethod
     def from_dirs(cls, directories: list[str | Path], top_k: int = 3,
                   tta_views: int = 1) -> Predictor:
-        members = [Predictor.from_dir(d, top_k=top_k, tta_views=tta_views) for d in directories]
+        """The predictor of ``directories``, model or ensemble directories (an ensemble's
+        members join the others); one model is that model's own :class:`Predictor`."""
+        from ser_pipeline.artifact import ensemble_members
+
+        members = [Predictor.from_dir(m, top_k=top_k, tta_views=tta_views)
+                   for d in directories for m in ensemble_members(d)]
         return members[0] if len(members) == 1 else cls(members)
 
     @property

@@ -2,7 +2,8 @@
 
 Accepted: ``runs:/<run_id>/<path>``, ``models:/<name>/<version>``,
 ``models:/<name>@<alias>``, ``models:/<model_id>`` (what training prints) and local
-folders. A folder may be a model directory itself (``model.yaml`` + safetensors) or
+folders. A folder may be a model directory itself (``model.yaml`` + safetensors, or an
+ensemble directory: ``ensemble.yaml`` + its members' model directories) or
 the root of a logged pyfunc model, which keeps the model directory as its
 ``model_dir`` artifact (``artifacts/<folder name>/`` beside ``MLmodel``).
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from ser_pipeline.artifact import SPEC_FILE
+from ser_pipeline.artifact import SPEC_FILE, is_model_dir
 
 TRAIN_HINT = ("train one first, e.g. `python train.py` (or `make demo` for a quick synthetic "
               "model), or pass --model runs:/<run_id>/model, models:/<name>/<version>, "
@@ -65,10 +66,10 @@ def _model_dir_artifact(mlmodel: Path) -> str | None:
 def find_model_dir(root: str | Path) -> Path:
     """The model directory in ``root``: ``root`` itself, or the pyfunc model's ``model_dir``."""
     root = Path(root)
-    if (root / SPEC_FILE).is_file():
+    if is_model_dir(root):
         return root
     relative = _model_dir_artifact(root / "MLmodel")
-    if relative and (root / relative / SPEC_FILE).is_file():
+    if relative and is_model_dir(root / relative):
         return root / relative
     raise ModelNotFoundError(
         f"{root} is neither a model directory (no {SPEC_FILE}) nor an MLflow model logged by "
@@ -173,7 +174,7 @@ def _cached_model_dir(entry: Path) -> Path | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     model_dir = entry / relative
-    return model_dir if (model_dir / SPEC_FILE).is_file() else None
+    return model_dir if is_model_dir(model_dir) else None
 
 
 def _fetch(files: LoggedModelFiles, staging: Path, tracking_uri: str) -> Path:

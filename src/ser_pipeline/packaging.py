@@ -39,10 +39,11 @@ def example_input(sample_rate: int) -> pd.DataFrame:
 
 
 def log_pyfunc_model(model_dir: str | Path, name: str = "model"):
-    """Log ``model_dir`` as a pyfunc model of the active run; returns MLflow's ModelInfo."""
-    from ser_pipeline.inference import Predictor
+    """Log ``model_dir`` (a model or an ensemble directory) as a pyfunc model of the active
+    run; returns MLflow's ModelInfo."""
+    from ser_pipeline.inference import EnsemblePredictor
 
-    predictor = Predictor.from_dir(model_dir)
+    predictor = EnsemblePredictor.from_dirs([model_dir])
     example = example_input(predictor.sample_rate)
     outputs = Schema([
         ColSpec("string", "emotion"),

@@ -1,8 +1,8 @@
 """The MLflow pyfunc model, written as *models from code* (nothing is cloudpickled).
 
 MLflow stores this file with the model; loading it imports ser_pipeline and
-rebuilds the network from the model directory logged as the ``model_dir``
-artifact, through the same :class:`~ser_pipeline.inference.Predictor` that
+rebuilds the network (or an ensemble's networks) from the model directory logged as the
+``model_dir`` artifact, through the same :class:`~ser_pipeline.inference.Predictor` that
 ``infer.py`` uses.
 
 Input: a DataFrame with, per row, either ``path`` (an audio file on the
@@ -128,9 +128,10 @@ def requested_audio(model_input: pd.DataFrame) -> list[RequestedAudio]:
 
 class SERPyfuncModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from ser_pipeline.inference import Predictor
+        from ser_pipeline.inference import EnsemblePredictor
 
-        self.predictor = Predictor.from_dir(context.artifacts["model_dir"])
+        # a model directory or an ensemble directory (its members' probabilities averaged)
+        self.predictor = EnsemblePredictor.from_dirs([context.artifacts["model_dir"]])
 
     def _waveform(self, item: RequestedAudio):
         from ser_pipeline.audio import AudioError, decode_audio_bytes, read_audio
