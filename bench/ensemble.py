@@ -87,6 +87,31 @@ def evaluate_fold(model_dirs: list[Path], manifest: Any, part: str = "test") -> 
             "members": [score(p) for p in probabilities] if len(members) > 1 else []}
 
 
+def member_info(cv_dir: Path) -> dict[str, Any]:
+    """What a member cross-validation ran, from its Hydra config (``.hydra/config.yaml``):
+    recipe, model, seed, split seed, protocol and the ``bench_id`` that ties it to its
+    ``bench/accuracy.py`` result (and so to its wall time). Empty where there is no config."""
+    import yaml
+
+    path = cv_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {}
+    cfg = yaml.safe_load(path.read_text()) or {}
+    tags, data = cfg.get("tags") or {}, cfg.get("data") or {}
+    return {"recipe": tags.get("recipe"), "model": (cfg.get("model") or {}).get("name"),
+            "seed": cfg.get("seed"), "split_seed": data.get("seed"),
+            "protocol": data.get("split"), "bench_id": tags.get("bench_id")}
+
+
+def seed_ensemble_recipe(members: list[dict[str, Any]]) -> str | None:
+    """The recipe a seed ensemble is of: every member ran it, each with its own seed."""
+    recipes = {m.get("recipe") for m in members}
+    seeds = [m.get("seed") for m in members]
+    if len(members) < 2 or len(recipes) != 1 or None in recipes or len(set(seeds)) != len(seeds):
+        return None
+    return recipes.pop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench/ensemble.py", description=__doc__.split("\n")[0])
     parser.add_argument("--cv-dir", type=Path, action="append", required=True,
@@ -110,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     if len({len(r) for r in runs}) != 1:
         raise SystemExit(f"the runs have different fold counts: {[len(r) for r in runs]}")
     manifest = read_corpus(args.corpus, args.root)
+    info = [member_info(d) for d in args.cv_dir]
     folds = [evaluate_fold(list(dirs), manifest, args.part) for dirs in zip(*runs, strict=True)]
     result: dict[str, Any] = {
         "benchmark": "ensemble", "corpus": args.corpus, "part": args.part,
         "label": args.label,
         "cv_dirs": [str(d) for d in args.cv_dir], "n_folds": len(folds),
+        "members_info": info, "seed_ensemble_of": seed_ensemble_recipe(info),
         "ensemble": summarise_folds([f["ensemble"] for f in folds], METRICS),
         "members": [summarise_folds([f["members"][i] for f in folds], METRICS)
                     for i in range(len(args.cv_dir))] if len(args.cv_dir) > 1 else [],

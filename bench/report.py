@@ -257,6 +257,36 @@ def _target(name: str, found: list[dict[str, Any]], value, met) -> dict[str, Any
             "source": best["source"]}
 
 
+def seed_ensembles_within_budget(results: list[dict[str, Any]], model: str
+                                 ) -> list[dict[str, Any]]:
+    """EMO-DB LOSO seed ensembles of one ``model`` recipe (``bench/ensemble.py``, test speakers)
+    whose members' cross-validations took at most the CV-time target together on the target's
+    cores, as target rows (``model``, ``mean``, ``source``). A member whose
+    ``bench/accuracy.py`` result is not found (by its ``bench_id``) leaves its ensemble out."""
+    runs = {}
+    for r in of_kind(results, "accuracy"):
+        for part in shlex.split(r["command"]):
+            if "bench_id=" in part:
+                runs[part.split("=", 1)[1]] = r
+    rows = []
+    for e in of_kind(results, "ensemble"):
+        members = e.get("members_info") or []
+        if (e.get("part", "test") != "test" or e["corpus"] != "emodb" or e["n_folds"] != 10
+                or not e.get("seed_ensemble_of")
+                or any(m.get("model") != model or m.get("protocol") != "loso" for m in members)):
+            continue
+        found = [runs.get(m.get("bench_id")) for m in members]
+        if None in found or any(r["machine"].get("cpus_available") != TARGET_CV_CPUS
+                                or not r["complete"] for r in found):
+            continue
+        seconds = sum(r["wall_seconds"] for r in found)
+        if seconds <= TARGET_CV_SECONDS:
+            rows.append({"model": f"{model}, {len(members)}-seed ensemble, "
+                                  f"{seconds / 60:.1f} min", "mean": e["ensemble"]["mean"],
+                         "source": e["source"]})
+    return rows
+
+
 def issue12_targets(results: list[dict[str, Any]], default: str) -> list[dict[str, Any]]:
     """Issue 12's accuracy and robustness targets, from the accuracy, baseline and
     robustness results (inductive normalisations only)."""
@@ -267,8 +297,10 @@ def issue12_targets(results: list[dict[str, Any]], default: str) -> list[dict[st
                  for b in of_kind(results, "baseline") if b.get("normalisation") == "global"}
     ref = reference.get(("emodb", "loso"), 0.636)
     uar = lambda r: r["mean"]["uar"]  # noqa: E731
-    rows = [_target("EMO-DB LOSO UAR of the default model's recipe >= 0.70", [
-                r for r in loso if r["model"] == default and r.get("recipe")], uar,
+    rows = [_target("EMO-DB LOSO UAR of the default model's recipe >= 0.70 (a seed ensemble "
+                    f"counts if its CV time is within {TARGET_CV_SECONDS // 60} min)", [
+                *(r for r in loso if r["model"] == default and r.get("recipe")),
+                *seed_ensembles_within_budget(results, default)], uar,
                 lambda r: uar(r) >= 0.70)]
     for model in ("cnn_blstm_attn", "cnn_attn_multitask", "dcnn_blstm_attn", "blstm_local_attn"):
         rows.append(_target(f"EMO-DB LOSO UAR of {model} above the reference ({ref:.3f})",

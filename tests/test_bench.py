@@ -263,6 +263,35 @@ def test_speaker_normalized_lines_are_labelled_and_do_not_count_for_the_target()
         "accuracy-emodb-loso-cnn_blstm_attn-speaker-norm"
 
 
+def seed_ensemble_result(bench_ids: list[str], uar: float, model: str = "cnn_blstm_attn",
+                         part: str = "test") -> dict:
+    """What bench/ensemble.py writes for a seed ensemble of ``model``'s recipe."""
+    members = [{"recipe": model, "model": model, "seed": i, "split_seed": 0, "protocol": "loso",
+                "bench_id": b} for i, b in enumerate(bench_ids)]
+    return {"benchmark": "ensemble", "corpus": "emodb", "part": part, "n_folds": 10,
+            "members_info": members, "seed_ensemble_of": model,
+            "ensemble": {"mean": {"uar": uar, "wa": uar}, "std": {"uar": 0.05, "wa": 0.05}},
+            "source": f"ensemble-{part}-{uar}"}
+
+
+def test_a_seed_ensemble_counts_for_the_default_recipe_only_within_the_time_budget():
+    def member(bench_id: str, seconds: float) -> dict:
+        run = accuracy_result(uar=0.66, wall_seconds=seconds)
+        return {**run, "recipe": "cnn_blstm_attn", "source": bench_id,
+                "command": run["command"].replace("bench_id=abc", f"bench_id={bench_id}")}
+
+    fast = [member("m0", 600), member("m1", 620)]
+    target = lambda results: report.issue12_targets(results, "cnn_blstm_attn")[0]  # noqa: E731
+    assert target(fast)["met"] is False
+    met = target([*fast, seed_ensemble_result(["m0", "m1"], 0.71)])
+    assert met["met"] is True and "2-seed ensemble, 20.3 min" in met["value"]
+    # over 30 minutes together, a member's result missing, or scored on validation speakers:
+    slow = [member("m0", 600), member("m1", 1300)]
+    assert target([*slow, seed_ensemble_result(["m0", "m1"], 0.71)])["met"] is False
+    assert target([*fast, seed_ensemble_result(["m0", "nope"], 0.71)])["met"] is False
+    assert target([*fast, seed_ensemble_result(["m0", "m1"], 0.71, part="val")])["met"] is False
+
+
 def test_a_target_without_results_is_not_measured_rather_than_met():
     targets = [*report.accuracy_targets([], "cnn_blstm_attn"), *report.recorded_targets([])]
     assert len(targets) == 4 and all(t["met"] is None for t in targets)
