@@ -74,6 +74,25 @@ def test_the_stream_does_not_depend_on_the_recording_level():
                               atol=1e-2)
 
 
+def test_trimming_makes_the_stream_ignore_the_silence_around_the_speech():
+    wave = speech_like(1)[0]
+    quiet = 1e-5 * torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([quiet, wave, quiet])
+    trimmed = lld_stream(trim_db=40.0)
+    untrimmed = lld_stream()
+    # the trimmed stream describes the same speech whether a second of silence surrounds it
+    # or not (the cut falls within a frame of the speech's edges)
+    close = torch.isclose(trimmed.raw(padded), trimmed.raw(wave), rtol=0.05, atol=0.05)
+    assert close.float().mean() > 0.95
+    far = torch.isclose(untrimmed.raw(padded), untrimmed.raw(wave), rtol=0.05, atol=0.05)
+    assert far.float().mean() < close.float().mean() - 0.1
+    # the option is part of what the vectors depend on (cache key, model directory), and
+    # an untrimmed stream's record is what it was before the option existed
+    assert trimmed.config()["trim_db"] == 40.0 and "trim_db" not in untrimmed.config()
+    rebuilt = FunctionalsStream.from_spec(trimmed.config(), torch.zeros(1), torch.ones(1))
+    assert rebuilt.trim_db == 40.0
+
+
 def test_set_level_reaches_the_rms_and_leaves_silence_alone():
     wave = speech_like(1)[0]
     rms = set_level(wave, -25.0).pow(2).mean().sqrt()

@@ -13,6 +13,10 @@ Level: the waveform is scaled to ``level_dbfs`` RMS before extraction, so a gain
 (exactly, up to clipping and quantisation): energy-related functionals would otherwise carry
 the recording level into the heads, which is what a microphone changes first.
 
+Silence: with ``trim_db`` the leading and trailing silence (frames more than ``trim_db`` below the
+loudest) is cut first, so that the level and every functional describe the speech, not how much
+silence a corpus or a microphone leaves around it (RAVDESS: about a second each side).
+
 The stream is computed from the whole (unaugmented) utterance, once per file (and cached like
 the frame features); inference (:class:`~ser_pipeline.inference.Predictor`) repeats the same
 steps from what the model directory stores (:meth:`FunctionalsStream.config` and the statistics).
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ser_pipeline.audio import trim_silence
 from ser_pipeline.features import build_features
 from ser_pipeline.models.svm import utterance_vector
 
@@ -50,7 +55,8 @@ class FunctionalsStream:
 
     def __init__(self, extractor: nn.Module, summary: str = "auto",
                  level_dbfs: float | None = -25.0, clip: float = 10.0,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> None:
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+                 trim_db: float | None = None) -> None:
         if summary == "auto":
             summary = "vector" if getattr(extractor, "level", None) == "functionals" else "functionals"
         if summary not in ("functionals", "vector"):
@@ -59,6 +65,7 @@ class FunctionalsStream:
         self.extractor, self.summary = extractor, summary
         self.level_dbfs = None if level_dbfs is None else float(level_dbfs)
         self.clip = float(clip)
+        self.trim_db = None if trim_db is None else float(trim_db)
         self.mean, self.std = mean, std
 
     @property
@@ -67,8 +74,13 @@ class FunctionalsStream:
 
     def config(self) -> dict[str, Any]:
         """What the vectors depend on (the cache key and the model directory's record)."""
-        return {"extractor": self.extractor.config(), "summary": self.summary,
-                "level_dbfs": self.level_dbfs, "clip": self.clip}
+        config = {"extractor": self.extractor.config(), "summary": self.summary,
+                  "level_dbfs": self.level_dbfs, "clip": self.clip}
+        # recorded only when set, so that caches and model directories written before the
+        # option existed keep their meaning (and their cache key)
+        if self.trim_db is not None:
+            config["trim_db"] = self.trim_db
+        return config
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], mean: torch.Tensor,
@@ -80,6 +92,8 @@ class FunctionalsStream:
 
     def raw(self, waveform: torch.Tensor) -> torch.Tensor:
         """``(time,)`` at ``sample_rate`` -> the unnormalised ``(n_inputs,)`` float32 vector."""
+        if self.trim_db is not None:
+            waveform = trim_silence(waveform, self.sample_rate, self.trim_db)
         with torch.no_grad():
             features = self.extractor(set_level(waveform, self.level_dbfs))
         return torch.from_numpy(utterance_vector(features, self.summary)).float()
