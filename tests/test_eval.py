@@ -175,3 +175,22 @@ def test_eval_of_a_model_folder_without_tracking_writes_predictions_and_report(p
     assert len(pd.read_csv(out / "predictions.csv")) == 18
     assert json.loads((out / "report.json").read_text())["metrics"]["uar"] == report[
         "metrics"]["uar"]
+
+
+def test_eval_takes_an_ensemble_directory_like_a_model(project):
+    from ser_pipeline.artifact import save_ensemble_dir
+    from ser_pipeline.evaluation import evaluate
+
+    root, table, _, _ = project
+    model_dir = next((root / "outputs" / "train").rglob("model/model.yaml")).parent
+    # two copies of one model: the ensemble's probabilities are that model's
+    ensemble = save_ensemble_dir(root / "ensemble", [model_dir, model_dir])
+    reports = {}
+    for name, uri in (("single", model_dir), ("ensemble", ensemble)):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("eval", overrides=[
+                f"paths.root_dir={root}", f"paths.output_dir={root / 'outputs' / name}",
+                f"model_uri={uri}", "logger=none", "data=manifest", f"data.manifest={table}",
+                "data.name=other", "eval.label_map={anger: angry, happiness: happy, sadness: sad}"])
+        reports[name] = evaluate(cfg)
+    assert reports["ensemble"]["metrics"] == pytest.approx(reports["single"]["metrics"])
