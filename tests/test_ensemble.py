@@ -181,8 +181,10 @@ def test_a_registered_ensemble_serves_through_mlflow_pyfunc(tiny_model_dir, tmp_
     from ser_pipeline.model_uri import resolve_model
 
     monkeypatch.setenv("SER_PIPELINE_ROOT", str(tmp_path))  # the model cache: this test's own
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: set through monkeypatch, it is
+    # put back as it was after the test (else later tests would use this store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     (tmp_path / "mlruns").mkdir()
     second = other_model_dir(tmp_path / "second")
     previous = mlflow.get_tracking_uri()
