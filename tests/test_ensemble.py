@@ -15,7 +15,7 @@ from tests.conftest import TINY_CLASSES
 from tests.test_infer import infer, model_variant, short_speech, write_audio
 
 
-def other_model_dir(target, seed: int = 1, classes=TINY_CLASSES):
+def other_model_dir(target, seed: int = 1, classes=TINY_CLASSES, info: dict | None = None):
     torch.manual_seed(seed)
     kwargs = {"in_channels": 1, "n_features": 16, "n_emotions": len(classes),
               "conv_channels": [4, 8], "lstm_hidden": 8, "lstm_layers": 1, "lstm_dropout": 0.0,
@@ -24,7 +24,7 @@ def other_model_dir(target, seed: int = 1, classes=TINY_CLASSES):
         "features": LogMelFeatures(sample_rate=16000, n_mels=16).config(),
         "classes": list(classes), "genders": ["female", "male"],
         "dimensions": ["valence", "arousal", "dominance"], "has_gender": True,
-        "has_dimensions": False, "info": {}},
+        "has_dimensions": False, "info": info or {}},
         FeatureStats(torch.zeros(1, 16, 1), torch.ones(1, 16, 1)))
 
 
@@ -88,17 +88,8 @@ def test_infer_py_names_an_ensemble_that_does_not_fit(tiny_model_dir, tmp_path, 
 def split_member(target, seed: int, val_speakers: list[str]):
     """A tiny model whose fold held out speaker "t" for test and ``val_speakers`` for
     validation (the split info a cross-validation's fold model carries)."""
-    torch.manual_seed(seed)
-    kwargs = {"in_channels": 1, "n_features": 16, "n_emotions": len(TINY_CLASSES),
-              "conv_channels": [4, 8], "lstm_hidden": 8, "lstm_layers": 1, "lstm_dropout": 0.0,
-              "attention_dim": 8, "head_hidden": 8}
-    return save_model_dir(target, CnnBlstmAttn(**kwargs), kwargs, {
-        "features": LogMelFeatures(sample_rate=16000, n_mels=16).config(),
-        "classes": list(TINY_CLASSES), "genders": ["female", "male"],
-        "dimensions": ["valence", "arousal", "dominance"], "has_gender": False,
-        "has_dimensions": False,
-        "info": {"split": {"test_speakers": ["t"], "val_speakers": val_speakers}}},
-        FeatureStats(torch.zeros(1, 16, 1), torch.ones(1, 16, 1)))
+    return other_model_dir(target, seed=seed, info={
+        "split": {"test_speakers": ["t"], "val_speakers": val_speakers}})
 
 
 def test_the_ensemble_bench_scores_validation_speakers_when_asked(tmp_path):
