@@ -11,7 +11,8 @@ run (``<cv-dir>/fold<k>/model``) and measures, through the inference path (``Pre
   prediction is the best-scoring *shared* class, so a class the target lacks is never a
   wrong answer that the target could not have had (stated in the result). Reported per fold
   model (mean ± std) and for the average of all fold models' probabilities (a late-fusion
-  ensemble).
+  ensemble). Several ``--cv-dir`` pool their runs' fold models: the level rows cover every fold
+  model, the ensemble averages all of them.
 
 Examples::
 
@@ -123,8 +124,10 @@ def cross_corpus(models: list[Path], target: Any) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench/robustness.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--cv-dir", type=Path, required=True,
-                        help="output folder of a data.fold=all run (holds fold<k>/model)")
+    parser.add_argument("--cv-dir", type=Path, action="append", required=True,
+                        help="output folder of a data.fold=all run (holds fold<k>/model); "
+                             "repeat it to pool several runs' fold models (e.g. the deep recipe "
+                             "and model=svm on the same folds) into one ensemble")
     parser.add_argument("--corpus", default="emodb", help="the corpus the folds were trained on")
     parser.add_argument("--root", help="its folder (default: the data config's root)")
     parser.add_argument("--target", help="another corpus for cross-corpus UAR, e.g. ravdess")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     begun, started = started_at(), time.perf_counter()
-    models = fold_models(args.cv_dir)
+    models = [m for cv_dir in args.cv_dir for m in fold_models(cv_dir)]
     manifest = read_corpus(args.corpus, args.root)
     gains = [0.0, *[g for g in args.gains_db if g != 0.0]]
     levels = [level_rows(m, manifest, gains) for m in models]
@@ -150,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                        for k in levels[0][gain]}
     from ser_pipeline.artifact import load_model_dir
 
-    spec = load_model_dir(models[0]).spec
+    specs = [load_model_dir(fold_models(cv_dir)[0]).spec for cv_dir in args.cv_dir]
     result: dict[str, Any] = {
-        "benchmark": "robustness", "corpus": args.corpus, "cv_dir": str(args.cv_dir),
-        "model": spec.info.get("model"), "normalization": spec.normalization,
+        "benchmark": "robustness", "corpus": args.corpus,
+        "cv_dir": ", ".join(str(d) for d in args.cv_dir),
+        "model": "+".join(str(s.info.get("model")) for s in specs),
+        "normalization": "+".join(str(s.normalization) for s in specs),
         "folds": len(models), "level": level, "level_per_fold": levels,
         "command": command_line("bench/robustness.py", argv), "started_at": begun,
         "machine": machine_info()}
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{mean_std(cc['mean']['uar'], cc['std']['uar'])}, ensemble of {len(models)} "
               f"{cc['ensemble']['uar']:.3f} (chance {cc['chance_uar']:.3f})")
     result["wall_seconds"] = time.perf_counter() - started
-    name = args.name or f"{args.corpus}-{result['model']}-{spec.normalization}"
+    name = args.name or f"{args.corpus}-{result['model']}-{result['normalization']}"
     path = write_result(result, f"robustness-{name}", args.results_dir)
     print(f"wrote {path}")
     return 0

@@ -85,11 +85,11 @@ def test_infer_py_names_an_ensemble_that_does_not_fit(tiny_model_dir, tmp_path, 
     assert "share classes" in err
 
 
-def split_member(target, seed: int, val_speakers: list[str]):
+def split_member(target, seed: int, val_speakers: list[str], **info):
     """A tiny model whose fold held out speaker "t" for test and ``val_speakers`` for
-    validation (the split info a cross-validation's fold model carries)."""
+    validation (the split info a cross-validation's fold model carries), plus ``info``."""
     return other_model_dir(target, seed=seed, info={
-        "split": {"test_speakers": ["t"], "val_speakers": val_speakers}})
+        "split": {"test_speakers": ["t"], "val_speakers": val_speakers}, **info})
 
 
 def test_the_ensemble_bench_scores_validation_speakers_when_asked(tmp_path):
@@ -113,6 +113,11 @@ def test_the_ensemble_bench_scores_validation_speakers_when_asked(tmp_path):
     third = split_member(tmp_path / "m3", 3, ["w"])
     with pytest.raises(SystemExit, match="different val speakers"):
         evaluate_fold([members[0], third], manifest, "val")
+    # nor can a member fitted on them (model=svm refits on training + validation speakers)
+    refit = split_member(tmp_path / "m4", 4, ["v"], svm={"refit": True})
+    with pytest.raises(SystemExit, match="model.refit=false"):
+        evaluate_fold([members[0], refit], manifest, "val")
+    assert evaluate_fold([refit, members[0]], manifest, "test")["utterances"] == len(TINY_CLASSES)
 
 
 def test_an_ensemble_directory_predicts_as_its_members_together(tiny_model_dir, tmp_path):

@@ -140,6 +140,14 @@ def test_grid_choice_is_made_on_validation_rows_only():
     assert (fitted.c, fitted.gamma_scale) == (chosen["C"], chosen["gamma_scale"])
 
 
+def test_without_refit_the_validation_rows_stay_unseen():
+    x, y = overlapping_classes(3, rows=180)
+    fitted, chosen = fit_with_validation_grid(x[:90], y[:90], x[90:120], y[90:120], refit=False)
+    assert chosen["refit"] is False
+    assert fitted.svc.support_vectors_.shape[0] <= 90  # the training rows' fit, kept
+    np.testing.assert_array_equal(fitted.predict(x[90:120]), chosen["val_predicted"])
+
+
 def test_model_config_uses_lld_functionals_by_default_and_the_reference_grid(tmp_path):
     from bench.common import compose_train_config
 

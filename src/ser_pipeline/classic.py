@@ -104,27 +104,31 @@ def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float,
 def fit_with_validation_grid(
     x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
     c_grid: tuple[float, ...] = C_GRID, gamma_scales: tuple[float, ...] = GAMMA_SCALES,
-    class_weight: str | None = "balanced",
+    class_weight: str | None = "balanced", refit: bool = True,
 ) -> tuple[FittedSVM, dict[str, Any]]:
     """Choose ``(C, gamma)`` by validation UAR, then refit on training + validation rows.
 
     Every grid point is fitted on the training rows and scored on the validation rows; ties go
     to the smaller C, then the smaller gamma (the simpler model). The refit sees the training
-    rows, then the validation rows. Returns the refit model and ``{"C", "gamma_scale",
-    "val_uar", "val_predicted" (of the chosen grid point), "grid": [{"C", "gamma_scale",
-    "val_uar"}, ...]}``.
+    rows, then the validation rows; ``refit=False`` returns the chosen grid point's fit on the
+    training rows instead, so the validation speakers stay unseen (an ensemble can then be
+    judged on them, ``bench/ensemble.py --part val``). Returns the model and ``{"C",
+    "gamma_scale", "val_uar", "val_predicted" (of the chosen grid point), "refit", "grid":
+    [{"C", "gamma_scale", "val_uar"}, ...]}``.
     """
     tried = []
     for c, gamma_scale in itertools.product(c_grid, gamma_scales):
-        predicted = fit_svm(x_train, y_train, c, gamma_scale, class_weight).predict(x_val)
-        tried.append((label_scores(y_val, predicted)["uar"], -c, -gamma_scale, predicted))
-    val_uar, neg_c, neg_gamma, val_predicted = max(tried, key=lambda t: t[:3])
+        fitted = fit_svm(x_train, y_train, c, gamma_scale, class_weight)
+        predicted = fitted.predict(x_val)
+        tried.append((label_scores(y_val, predicted)["uar"], -c, -gamma_scale, predicted, fitted))
+    val_uar, neg_c, neg_gamma, val_predicted, fitted = max(tried, key=lambda t: t[:3])
     c, gamma_scale = -neg_c, -neg_gamma
-    fitted = fit_svm(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]),
-                     c, gamma_scale, class_weight)
+    if refit:
+        fitted = fit_svm(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]),
+                         c, gamma_scale, class_weight)
     grid = [{"C": -t[1], "gamma_scale": -t[2], "val_uar": t[0]} for t in tried]
     return fitted, {"C": c, "gamma_scale": gamma_scale, "val_uar": val_uar,
-                    "val_predicted": val_predicted, "grid": grid}
+                    "val_predicted": val_predicted, "refit": bool(refit), "grid": grid}
 
 
 # -- one run: fit, test, log -----------------------------------------------------------------------
@@ -159,7 +163,7 @@ def fit_and_test(cfg: Any, datamodule: Any) -> dict[str, Any]:
     fitted, selection = fit_with_validation_grid(
         x["train"], y["train"], x["val"], y["val"],
         tuple(float(c) for c in settings.C), tuple(float(g) for g in settings.gamma_scale),
-        settings.get("class_weight"))
+        settings.get("class_weight"), bool(settings.get("refit", True)))
     net, kwargs = SVMClassifier.from_fitted(fitted, len(datamodule.classes), summary)
     n_classes = len(datamodule.classes)
     log.info("svm: C=%g, gamma=%g/%d (validation UAR %.4f), %d support vectors, %s of %d "
@@ -230,7 +234,7 @@ def _log_results(cfg: Any, datamodule: Any, result: dict[str, Any], output_dir: 
     mlflow.log_params({"svm.C_chosen": selection["C"],
                        "svm.gamma_scale_chosen": selection["gamma_scale"],
                        "svm.gamma": kwargs["gamma"], "svm.summary": kwargs["summary"],
-                       "svm.n_inputs": kwargs["n_inputs"],
+                       "svm.n_inputs": kwargs["n_inputs"], "svm.refit": selection["refit"],
                        "svm.support_vectors": sum(kwargs["n_support"])})
     for step, point in enumerate(selection["grid"]):
         mlflow.log_metric("val/uar_grid", point["val_uar"], step=step)
@@ -259,7 +263,10 @@ def _log_results(cfg: Any, datamodule: Any, result: dict[str, Any], output_dir: 
                  "run_id": result["run_id"], "split": datamodule.split.summary(),
                  "test_metrics": result.get("test", {}),
                  "svm": {"C": selection["C"], "gamma_scale": selection["gamma_scale"],
-                         "val_uar": selection["val_uar"]}},
+                         "val_uar": selection["val_uar"],
+                         # the validation speakers are in its training rows (bench/ensemble.py
+                         # --part val refuses such a member)
+                         "refit": selection["refit"]}},
     }, datamodule.stats)
     result["model_dir"] = str(model_dir)
     mlflow_cfg = cfg.logger.mlflow
