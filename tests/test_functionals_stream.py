@@ -19,10 +19,11 @@ from ser_pipeline.artifact import (
     load_model_dir,
     save_model_dir,
 )
+from ser_pipeline.audio import set_level
 from ser_pipeline.corpora.synthetic import DEFAULT_EMOTIONS, read_synthetic
 from ser_pipeline.features import LogMelFeatures
 from ser_pipeline.features.batching import FeatureStats, pad_batch
-from ser_pipeline.features.functionals import FunctionalsStream, set_level
+from ser_pipeline.features.functionals import FunctionalsStream
 from ser_pipeline.features.lld import LLDFeatures
 from ser_pipeline.inference import Predictor
 from ser_pipeline.models import MODELS

@@ -86,6 +86,22 @@ def test_config_rebuilds_the_extractor_with_the_same_values():
 
 
 @needs_opensmile
+def test_level_dbfs_makes_the_functionals_independent_of_the_recording_level():
+    from ser_pipeline.features.opensmile import OpenSmileFeatures
+
+    wave = voiced(0.8)
+    plain = OpenSmileFeatures("eGeMAPSv02", "functionals")
+    levelled = OpenSmileFeatures("eGeMAPSv02", "functionals", level_dbfs=-25.0)
+    loud = plain.feature_names().index("loudness_sma3_amean")
+    quiet = 10.0 ** (-20.0 / 20.0)
+    assert plain(wave * quiet)[0, loud, 0] < 0.5 * plain(wave)[0, loud, 0]
+    torch.testing.assert_close(levelled(wave * quiet), levelled(wave), rtol=1e-3, atol=1e-3)
+    config = levelled.config()
+    assert config["level_dbfs"] == -25.0 and "level_dbfs" not in plain.config()
+    assert torch.equal(build_features(config)(wave), levelled(wave))
+
+
+@needs_opensmile
 def test_a_batch_gives_what_each_item_gives_alone():
     extractor = extractor_for("egemaps")
     waves = torch.stack([voiced(0.5), voiced(0.5, f0=180.0)])

@@ -214,6 +214,16 @@ def decode_audio_bytes(data: bytes, sample_rate: int, name: str = "<audio bytes>
     return resample(_to_mono_float(block, Path(name)), rate, sample_rate)
 
 
+def set_level(waveform: torch.Tensor, level_dbfs: float | None) -> torch.Tensor:
+    """``waveform`` scaled to an RMS of ``level_dbfs`` dB re full scale (silence unchanged)."""
+    if level_dbfs is None:
+        return waveform
+    rms = waveform.float().pow(2).mean().sqrt()
+    if rms <= 1e-8:
+        return waveform
+    return waveform * (10.0 ** (level_dbfs / 20.0) / rms)
+
+
 def trim_silence(waveform: torch.Tensor, sample_rate: int, top_db: float,
                  frame_s: float = 0.025, hop_s: float = 0.010) -> torch.Tensor:
     """``(time,)`` without its leading and trailing silence.

@@ -29,19 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ser_pipeline.audio import trim_silence
+from ser_pipeline.audio import set_level, trim_silence
 from ser_pipeline.features import build_features
 from ser_pipeline.models.svm import utterance_vector
-
-
-def set_level(waveform: torch.Tensor, level_dbfs: float | None) -> torch.Tensor:
-    """``waveform`` scaled to an RMS of ``level_dbfs`` dB re full scale (silence unchanged)."""
-    if level_dbfs is None:
-        return waveform
-    rms = waveform.float().pow(2).mean().sqrt()
-    if rms <= 1e-8:
-        return waveform
-    return waveform * (10.0 ** (level_dbfs / 20.0) / rms)
 
 
 class FunctionalsStream:

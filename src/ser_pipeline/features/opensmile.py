@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ser_pipeline.audio import trim_silence
+from ser_pipeline.audio import set_level, trim_silence
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,14 @@ class OpenSmileFeatures(nn.Module):
     ``opensmile_version`` is what :meth:`config` recorded; another installed version only
     warns (its values may differ slightly from the ones a model was trained on).
     ``trim_db``: cut leading/trailing silence more than this below the loudest frame first.
+    ``level_dbfs``: then scale the waveform to this RMS (dB re full scale), so that the
+    recording level cancels (``model=svm feature=compare_functionals feature.level_dbfs=-25``
+    sees what the functionals stream sees); ``None`` keeps the level.
     """
 
     def __init__(self, feature_set: str = "eGeMAPSv02", level: str = "lld",
                  sample_rate: int = 16000, opensmile_version: str | None = None,
-                 trim_db: float | None = None) -> None:
+                 trim_db: float | None = None, level_dbfs: float | None = None) -> None:
         super().__init__()
         opensmile = import_opensmile()
         if level not in LEVELS:
@@ -71,6 +74,7 @@ class OpenSmileFeatures(nn.Module):
                              f"{', '.join(opensmile.FeatureSet.__members__)})")
         self.feature_set, self.level, self.sample_rate = feature_set, level, int(sample_rate)
         self.trim_db = trim_db
+        self.level_dbfs = None if level_dbfs is None else float(level_dbfs)
         self.version = opensmile.__version__
         if opensmile_version is not None and opensmile_version != self.version:
             log.warning("features were made with opensmile %s, this is %s: values may differ",
@@ -96,9 +100,12 @@ class OpenSmileFeatures(nn.Module):
         return list(self.smile.feature_names)
 
     def config(self) -> dict[str, Any]:
-        return {"name": "opensmile", "feature_set": self.feature_set, "level": self.level,
-                "sample_rate": self.sample_rate, "opensmile_version": self.version,
-                "trim_db": self.trim_db}
+        config = {"name": "opensmile", "feature_set": self.feature_set, "level": self.level,
+                  "sample_rate": self.sample_rate, "opensmile_version": self.version,
+                  "trim_db": self.trim_db}
+        if self.level_dbfs is not None:  # only when set, so earlier caches and models keep their key
+            config["level_dbfs"] = self.level_dbfs
+        return config
 
     @torch.no_grad()
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -112,6 +119,7 @@ class OpenSmileFeatures(nn.Module):
         signal = waveform.detach().to("cpu", torch.float32)
         if self.trim_db is not None:
             signal = trim_silence(signal, self.sample_rate, self.trim_db)
+        signal = set_level(signal, self.level_dbfs)
         shortest = round(MIN_SECONDS * self.sample_rate)
         if signal.shape[-1] < shortest:
             signal = nn.functional.pad(signal, (0, shortest - signal.shape[-1]))
