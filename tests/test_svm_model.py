@@ -29,12 +29,15 @@ from ser_pipeline.classic import (
     GAMMA_SCALES,
     SVMClassifier,
     fit_svm,
+    fit_with_inner_folds,
     fit_with_validation_grid,
     functionals,
     resolve_summary,
+    speaker_folds,
     utterance_vector,
 )
 from ser_pipeline.features.batching import pad_batch
+from ser_pipeline.metrics import label_scores
 from tests.e2e import run_script, served_test_accuracy, store_uri
 from tests.test_safe_loading import _Payload
 
@@ -148,6 +151,34 @@ def test_without_refit_the_validation_rows_stay_unseen():
     np.testing.assert_array_equal(fitted.predict(x[90:120]), chosen["val_predicted"])
 
 
+def test_inner_folds_hold_out_every_speaker_once_and_never_fit_on_it():
+    groups = np.repeat(np.array(list("abcdefghijkl")), 5)
+    for max_folds in (12, 4):
+        folds = speaker_folds(groups, max_folds)
+        assert len(folds) == max_folds
+        held = np.concatenate([held_out for _, held_out in folds])
+        assert sorted(held) == list(range(len(groups)))
+        for fit_rows, held_out in folds:
+            assert not set(groups[fit_rows]) & set(groups[held_out])
+    with pytest.raises(ValueError, match="two speakers"):
+        speaker_folds(np.array(["a"] * 5))
+
+
+def test_inner_fold_choice_scores_pooled_held_out_predictions_and_fits_all_rows():
+    x, y = overlapping_classes(3, rows=180)
+    groups = np.arange(180) % 6  # 6 speakers, every class in each
+    fitted, chosen = fit_with_inner_folds(x, y, groups, c_grid=(0.1, 10.0), gamma_scales=(1.0,))
+    assert len(chosen["grid"]) == 2 and chosen["inner_folds"] == 6 and chosen["refit"]
+    assert chosen["val_uar"] == max(point["val_uar"] for point in chosen["grid"])
+    assert fitted.svc.shape_fit_[0] == 180 and (fitted.c, fitted.gamma_scale) == (chosen["C"], 1.0)
+    by_hand = np.empty_like(y)  # the chosen point, refitted fold by fold
+    for fit_rows, held_out in speaker_folds(groups):
+        by_hand[held_out] = fit_svm(x[fit_rows], y[fit_rows], chosen["C"], 1.0,
+                                    "balanced").predict(x[held_out])
+    np.testing.assert_array_equal(by_hand, chosen["val_predicted"])
+    assert label_scores(y, by_hand)["uar"] == pytest.approx(chosen["val_uar"])
+
+
 def test_model_config_uses_lld_functionals_by_default_and_the_reference_grid(tmp_path):
     from bench.common import compose_train_config
 
@@ -241,7 +272,8 @@ def test_planted_pickle_in_an_svm_model_dir_is_refused_and_never_run(trained, tm
 def test_cross_validation_runs_every_fold_of_the_svm(trained):
     root = trained[0]  # its corpus and feature cache; the runs above are read already
     result = run_script("train.py", [*SMALL, "data.fold=all", "data.split=group_kfold",
-                                     "data.n_folds=3", "logger.mlflow.log_model=false"],
+                                     "data.n_folds=3", "logger.mlflow.log_model=false",
+                                     "model.selection=inner_folds"],
                         root, OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(tracking_uri=store_uri(root))
@@ -250,6 +282,7 @@ def test_cross_validation_runs_every_fold_of_the_svm(trained):
     folds = client.search_runs([experiment.experiment_id],
                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(folds) == 3 and {f.data.tags["model"] for f in folds} == {"svm"}
+    assert {f.data.params["svm.selection"] for f in folds} == {"inner_folds"}
     mean = np.mean([f.data.metrics["test/uar"] for f in folds])
     assert parent.data.metrics["cv/uar_mean"] == pytest.approx(mean)
     assert "confusion/test_sum_over_folds.json" in {

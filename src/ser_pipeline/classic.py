@@ -7,7 +7,9 @@ one frame per utterance (a vector of functionals already, e.g. eGeMAPS), that fr
 The vectors are z-scored with the fitting rows' statistics and an RBF SVM (class-balanced) is
 trained; ``C`` and ``gamma`` are chosen by UAR on the fold's *validation speakers* (the test
 speakers are never looked at), then the SVM is refit on training + validation speakers with
-that choice (:func:`fit_with_validation_grid`). ``bench/baseline.py`` uses the same functions.
+that choice (:func:`fit_with_validation_grid`); ``model.selection=inner_folds`` chooses them by
+leave-one-speaker-out folds within the training and validation speakers instead
+(:func:`fit_with_inner_folds`). ``bench/baseline.py`` uses the same functions.
 
 :class:`SVMClassifier` predicts from stored arrays only (support vectors, dual coefficients,
 intercepts, gamma, the z-scoring statistics): libsvm's one-vs-one decision values and voting,
@@ -131,6 +133,51 @@ def fit_with_validation_grid(
                     "val_predicted": val_predicted, "refit": bool(refit), "grid": grid}
 
 
+def speaker_folds(groups: np.ndarray, max_folds: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(fit rows, held-out rows)`` index pairs, every speaker held out in exactly one fold:
+    leave-one-speaker-out up to ``max_folds`` speakers, speakers grouped into ``max_folds``
+    folds beyond (scikit-learn's ``GroupKFold``)."""
+    from sklearn.model_selection import GroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise ValueError("inner folds need at least two speakers")
+    folds = GroupKFold(n_splits=min(n_groups, max_folds))
+    return list(folds.split(np.zeros(len(groups)), groups=groups))
+
+
+def fit_with_inner_folds(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray,
+    c_grid: tuple[float, ...] = C_GRID, gamma_scales: tuple[float, ...] = GAMMA_SCALES,
+    class_weight: str | None = "balanced", max_folds: int = 10,
+) -> tuple[FittedSVM, dict[str, Any]]:
+    """Choose ``(C, gamma)`` by speaker-independent folds *within* the given rows, then fit
+    on all of them.
+
+    Every grid point predicts each speaker's rows from an SVM fitted on the other speakers'
+    (:func:`speaker_folds`); its UAR is that of the pooled held-out predictions. Choosing on
+    every training speaker in turn, rather than on one or two validation speakers, makes the
+    choice much less noisy; the price is ``folds x grid`` fits. Ties as in
+    :func:`fit_with_validation_grid`; the returned dict has the same keys, with ``val_uar``
+    the inner folds' UAR and ``val_truth`` / ``val_predicted`` their rows.
+    """
+    splits = speaker_folds(np.asarray(groups), max_folds)
+    tried = []
+    for c, gamma_scale in itertools.product(c_grid, gamma_scales):
+        predicted = np.empty_like(y)
+        for fit_rows, held_out in splits:
+            predicted[held_out] = fit_svm(x[fit_rows], y[fit_rows], c, gamma_scale,
+                                          class_weight).predict(x[held_out])
+        tried.append((label_scores(y, predicted)["uar"], -c, -gamma_scale, predicted))
+    val_uar, neg_c, neg_gamma, val_predicted = max(tried, key=lambda t: t[:3])
+    c, gamma_scale = -neg_c, -neg_gamma
+    grid = [{"C": -t[1], "gamma_scale": -t[2], "val_uar": t[0]} for t in tried]
+    return fit_svm(x, y, c, gamma_scale, class_weight), {
+        "C": c, "gamma_scale": gamma_scale, "val_uar": val_uar, "val_truth": y,
+        "val_predicted": val_predicted, "refit": True, "inner_folds": len(splits),
+        "grid": grid}
+
+
 # -- one run: fit, test, log -----------------------------------------------------------------------
 
 @dataclass
@@ -160,10 +207,24 @@ def fit_and_test(cfg: Any, datamodule: Any) -> dict[str, Any]:
     summary = resolve_summary(str(settings.get("summary", "auto")), sets["train"].features)
     x = {part: utterance_table(sets[part].features, summary) for part in sets}
     y = {part: sets[part].emotion.numpy() for part in sets}
-    fitted, selection = fit_with_validation_grid(
-        x["train"], y["train"], x["val"], y["val"],
-        tuple(float(c) for c in settings.C), tuple(float(g) for g in settings.gamma_scale),
-        settings.get("class_weight"), bool(settings.get("refit", True)))
+    grid = (tuple(float(c) for c in settings.C), tuple(float(g) for g in settings.gamma_scale),
+            settings.get("class_weight"))
+    selection_by = str(settings.get("selection", "validation"))
+    if selection_by == "inner_folds":  # every training and validation speaker held out in turn
+        speakers = {part: [f"{corpus}/{speaker}" for corpus, speaker in zip(
+            sets[part].rows["corpus"], sets[part].rows["speaker"].astype(str), strict=True)]
+            for part in ("train", "val")}
+        fitted, selection = fit_with_inner_folds(
+            np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]]),
+            np.array(speakers["train"] + speakers["val"]), *grid,
+            int(settings.get("inner_folds", 10)))
+    elif selection_by == "validation":
+        fitted, selection = fit_with_validation_grid(
+            x["train"], y["train"], x["val"], y["val"], *grid,
+            bool(settings.get("refit", True)))
+        selection["val_truth"] = y["val"]
+    else:
+        raise ValueError(f"model.selection must be validation or inner_folds, not {selection_by!r}")
     net, kwargs = SVMClassifier.from_fitted(fitted, len(datamodule.classes), summary)
     n_classes = len(datamodule.classes)
     log.info("svm: C=%g, gamma=%g/%d (validation UAR %.4f), %d support vectors, %s of %d "
@@ -183,7 +244,8 @@ def fit_and_test(cfg: Any, datamodule: Any) -> dict[str, Any]:
                                        for c, r in zip(datamodule.classes, recalls, strict=True)}}
         result["confusion"] = test_confusion.tolist()
     result["module"] = SVMRun(net, selection["val_uar"],
-                              confusion_counts(y["val"], selection["val_predicted"], n_classes),
+                              confusion_counts(selection["val_truth"], selection["val_predicted"],
+                                               n_classes),
                               test_confusion)
     result["train_seconds"] = time.time() - started
     return result
@@ -235,6 +297,8 @@ def _log_results(cfg: Any, datamodule: Any, result: dict[str, Any], output_dir: 
                        "svm.gamma_scale_chosen": selection["gamma_scale"],
                        "svm.gamma": kwargs["gamma"], "svm.summary": kwargs["summary"],
                        "svm.n_inputs": kwargs["n_inputs"], "svm.refit": selection["refit"],
+                       "svm.selection": "inner_folds" if "inner_folds" in selection
+                       else "validation",
                        "svm.support_vectors": sum(kwargs["n_support"])})
     for step, point in enumerate(selection["grid"]):
         mlflow.log_metric("val/uar_grid", point["val_uar"], step=step)
