@@ -23,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -98,12 +99,49 @@ def level_rows(model_dir: Path, manifest: Any, gains: list[float]) -> dict[str, 
     return out
 
 
+class _Shared:
+    """An extractor call computed once per (extractor config, waveform object) across models."""
+
+    def __init__(self, compute: Any, config: dict[str, Any], cache: dict[Any, Any]) -> None:
+        self.compute, self.cache = compute, cache
+        self.key = json.dumps(config, sort_keys=True, default=str)
+
+    def __call__(self, waveform: Any) -> Any:
+        key = (self.key, id(waveform))
+        if key not in self.cache:  # the waveform is kept, so that its id is never reused
+            self.cache[key] = (waveform, self.compute(waveform))
+        return self.cache[key][1]
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped extractor's other attributes
+        return getattr(self.compute, name)
+
+
+def share_extraction(predictors: list[Any]) -> dict[Any, Any]:
+    """Let fold models that share a feature config share its features, so scoring a corpus
+    with ten fold models extracts each file once instead of ten times (what the models do
+    with the features, normalisation included, stays their own). Only for waveforms that
+    stay alive while the predictors are used (the cache is keyed by the object); a model
+    with test-time augmentation (new views every call) keeps its own extraction. Returns the
+    cache."""
+    cache: dict[Any, Any] = {}
+    for predictor in predictors:
+        if predictor.tta_views > 1:
+            continue
+        model = predictor.model
+        model.extractor = _Shared(model.extractor, model.extractor.config(), cache)
+        if model.functionals is not None:  # the stream's unnormalised vector
+            model.functionals.raw = _Shared(model.functionals.raw, model.functionals.config(),
+                                            cache)
+    return cache
+
+
 def cross_corpus(models: list[Path], target: Any) -> dict[str, Any]:
     """Per-model and ensemble UAR on ``target`` over the shared classes."""
     from ser_pipeline.audio import read_audio
     from ser_pipeline.inference import Predictor
 
     predictors = [Predictor.from_dir(m) for m in models]
+    share_extraction(predictors)
     classes = predictors[0].classes
     shared = [c for c in classes if c in set(target["emotion"])]
     rows = target[target["emotion"].isin(shared)]

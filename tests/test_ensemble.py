@@ -10,6 +10,7 @@ from ser_pipeline.artifact import save_model_dir
 from ser_pipeline.features import LogMelFeatures
 from ser_pipeline.features.batching import FeatureStats
 from ser_pipeline.inference import EnsemblePredictor, Predictor
+from ser_pipeline.metrics import label_scores
 from ser_pipeline.models import CnnBlstmAttn
 from tests.conftest import TINY_CLASSES
 from tests.test_infer import infer, model_variant, short_speech, write_audio
@@ -210,3 +211,27 @@ def test_register_without_save_ensemble_is_a_usage_error(tiny_model_dir):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tiny_model_dir), "--register", "x"])
     assert exit_info.value.code == 2
+
+
+def test_robustness_scores_a_corpus_with_each_file_extracted_once(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from bench.robustness import cross_corpus, probabilities
+    from ser_pipeline.audio import read_audio
+
+    models = [other_model_dir(tmp_path / f"fold{s}", seed=s) for s in (1, 2)]
+    rows = [{"path": str(write_audio(tmp_path / f"{i}.wav", short_speech())), "speaker": "x",
+             "emotion": emotion} for i, emotion in enumerate(TINY_CLASSES)]
+    target = pd.DataFrame(rows)
+    # what each fold model gives on its own, extracting every file itself
+    waves = [read_audio(r["path"], 16000) for r in rows]
+    alone = [probabilities(Predictor.from_dir(m), waves).argmax(1) for m in models]
+    calls = []
+    original = LogMelFeatures.forward
+    monkeypatch.setattr(LogMelFeatures, "forward",
+                        lambda self, wave: calls.append(1) or original(self, wave))
+    result = cross_corpus(models, target)
+    assert len(calls) == len(rows)  # once per file, not once per file and fold model
+    for scores, predicted in zip(result["per_model"], alone, strict=True):
+        truth = target["emotion"].tolist()
+        assert scores == label_scores(truth, [TINY_CLASSES[i] for i in predicted])
