@@ -41,7 +41,7 @@ from bench.common import (  # noqa: E402
     started_at,
     write_result,
 )
-from bench.robustness import fold_models, read_corpus  # noqa: E402
+from bench.robustness import fold_models, read_corpus, share_extraction  # noqa: E402
 from bench.robustness import probabilities as utterance_probabilities  # noqa: E402
 from ser_pipeline.metrics import label_scores, summarise_folds  # noqa: E402
 
@@ -62,6 +62,7 @@ def evaluate_fold(model_dirs: list[Path], manifest: Any, part: str = "test") -> 
     from ser_pipeline.inference import EnsemblePredictor, Predictor
 
     members = [Predictor.from_dir(d) for d in model_dirs]
+    share_extraction(members)  # seeds of one recipe extract each file once
     speakers = [sorted(map(str, m.spec.info["split"][f"{part}_speakers"])) for m in members]
     if any(s != speakers[0] for s in speakers):
         raise SystemExit(f"the runs' folds hold different {part} speakers: {speakers}")
