@@ -317,16 +317,26 @@ def issue12_targets(results: list[dict[str, Any]], default: str) -> list[dict[st
                         [r for r in robust if r["corpus"] == "emodb"], change,
                         lambda r: abs(change(r)) <= 0.05))
     cross = [r for r in robust if r["corpus"] == "emodb" and r.get("target") == "ravdess"]
-    rows.append(_target("EMO-DB -> RAVDESS UAR on the 6 shared classes >= 0.35 (ensemble)",
-                        cross, lambda r: r["cross_corpus"]["ensemble"]["uar"],
-                        lambda r: r["cross_corpus"]["ensemble"]["uar"] >= 0.35))
+    # the target is the deep recipes' (issue 12: a microphone is not a corpus); the SVM
+    # reference, alone or in a pooled ensemble, is shown beside it but does not count
+    is_deep = lambda r: "svm" not in str(r.get("model")).split("+")  # noqa: E731
+    ensemble_uar = lambda r: r["cross_corpus"]["ensemble"]["uar"]  # noqa: E731
+    rows.append(_target("EMO-DB -> RAVDESS UAR on the 6 shared classes >= 0.35 (ensemble of a "
+                        "deep recipe's fold models)", [r for r in cross if is_deep(r)],
+                        ensemble_uar, lambda r: ensemble_uar(r) >= 0.35))
+    reference = _target("EMO-DB -> RAVDESS UAR of the SVM reference or an ensemble with it "
+                        "(shown, not a target)", [r for r in cross if not is_deep(r)],
+                        ensemble_uar, lambda r: None)
+    if reference["source"] != "-":
+        rows.append({**reference, "met": None, "status": "reference"})
     return rows
 
 
 def targets_section(results: list[dict[str, Any]], default: str) -> list[str]:
     rows = [*accuracy_targets(results, default), *issue12_targets(results, default),
             *recorded_targets(results)]
-    table = [[t["name"], t["value"], status(t["met"]), f"`{t['source']}`"] for t in rows]
+    table = [[t["name"], t["value"], t.get("status") or status(t["met"]), f"`{t['source']}`"]
+             for t in rows]
     return ["### Targets (issues 7 and 12)", "",
             format_table(["target", "measured", "status", "result file"], table, markdown=True),
             ""]

@@ -292,6 +292,26 @@ def test_a_seed_ensemble_counts_for_the_default_recipe_only_within_the_time_budg
     assert target([*fast, seed_ensemble_result(["m0", "m1"], 0.71, part="val")])["met"] is False
 
 
+def robustness_result(model: str, ensemble_uar: float) -> dict:
+    """What bench/robustness.py writes for EMO-DB fold models tested on RAVDESS."""
+    level = {"wa": {"mean": 0.7, "std": 0.1}, "uar": {"mean": 0.7, "std": 0.1}}
+    return {"benchmark": "robustness", "corpus": "emodb", "model": model, "target": "ravdess",
+            "level": {"+0": level, "-20": level}, "source": f"robustness-{model}",
+            "cross_corpus": {"ensemble": {"uar": ensemble_uar}, "chance_uar": 1 / 6}}
+
+
+def test_the_cross_corpus_target_counts_deep_recipes_and_shows_the_svm_beside_them():
+    results = [robustness_result("cnn_blstm_attn", 0.30), robustness_result("svm", 0.36),
+               robustness_result("cnn_blstm_attn+svm", 0.37)]
+    rows = [r for r in report.issue12_targets(results, "cnn_blstm_attn")
+            if r["name"].startswith("EMO-DB -> RAVDESS")]
+    deep, reference = rows
+    assert (deep["met"], deep["value"]) == (False, "0.300 (cnn_blstm_attn)")
+    assert "SVM reference" in reference["name"]
+    assert reference["value"] == "0.370 (cnn_blstm_attn+svm)" and reference["met"] is None
+    assert "| reference " in report.targets_section(results, "cnn_blstm_attn")[2]
+
+
 def test_a_target_without_results_is_not_measured_rather_than_met():
     targets = [*report.accuracy_targets([], "cnn_blstm_attn"), *report.recorded_targets([])]
     assert len(targets) == 4 and all(t["met"] is None for t in targets)
