@@ -69,6 +69,15 @@ def train_overrides(corpus: str, root: str | None, protocol: str, model: str, fe
     return [*overrides, *extra]
 
 
+def effective_feature(overrides: list[str], feature: str) -> str:
+    """The feature config ``train.py`` will use: the last ``feature=`` override wins, as in
+    Hydra (a user's ``-- feature=...`` after the model's seed feature)."""
+    for override in overrides:
+        if override.startswith("feature="):
+            feature = override.split("=", 1)[1]
+    return feature
+
+
 def bench_argv(corpus: str, root: str | None, protocol: str, model: str, feature: str,
                threads: int | None, extra: list[str]) -> list[str]:
     """Arguments of this script that rerun exactly one (protocol, model)."""
@@ -252,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{protocol} / {model}: train.py failed (exit {status})", file=sys.stderr)
                 failed.append(f"{protocol}/{model}")
                 continue
+            used = effective_feature(overrides, feature)
             result = {
                 "benchmark": "accuracy",
                 "corpus": args.corpus,
                 "protocol": protocol,
                 "model": model,
-                "feature": feature,
+                "feature": used,
                 "command": command,
                 "bench_command": command_line(
                     "bench/accuracy.py",
@@ -278,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 **accuracy_result(read_cross_validation(settings["tracking_uri"],
                                                         settings["experiment"], bench_id)),
             }
-            name = result_name(args.corpus, protocol, model, feature, settings["normalization"],
+            name = result_name(args.corpus, protocol, model, used, settings["normalization"],
                                recipe_of(args.overrides))
             path = write_result(result, name, args.results_dir)
             print(f"wrote {path}", flush=True)

@@ -95,6 +95,13 @@ def test_accuracy_takes_train_overrides_after_double_dash():
     assert args.overrides == ["trainer.max_epochs=40"]
 
 
+def test_accuracy_records_the_feature_a_user_override_chose():
+    overrides = accuracy.train_overrides("emodb", None, "loso", "svm", "lld", "abc",
+                                         ["feature=compare_functionals", "seed=0"])
+    assert accuracy.effective_feature(overrides, "lld") == "compare_functionals"
+    assert accuracy.effective_feature(["seed=0"], "lld") == "lld"
+
+
 def test_accuracy_runs_every_fold_and_lets_user_overrides_win():
     overrides = accuracy.train_overrides("ravdess", "/data/R", "group_kfold", "cnn_attn_multitask",
                                          "logmel", "id1", ["data.split=loso"])
