@@ -130,6 +130,29 @@ def test_every_model_fuses_the_vectors_and_their_content_reaches_the_heads(name)
         net(features, lengths)
 
 
+@pytest.mark.parametrize("name", ["cnn_blstm_attn", "cnn_attn_multitask", "dcnn_blstm_attn",
+                                  "blstm_local_attn", "ssl_attn"])
+def test_fusion_dropout_sets_the_branch_input_dropout_and_defaults_to_the_models(name):
+    from torch import nn
+
+    kwargs = {"in_channels": 1, "n_features": 16, "n_emotions": 4, "fusion_dim": 8,
+              "functionals_dim": 20, "dropout": 0.2}
+
+    def branch_rate(**extra):
+        first = MODELS[name](**kwargs, **extra).fusion.project[0]
+        assert isinstance(first, nn.Dropout)
+        return first.p
+
+    assert branch_rate() == 0.2
+    assert branch_rate(fusion_dropout=0.6) == 0.6
+    # in training mode about 60 % of the vector's inputs are zeroed
+    net = MODELS[name](**kwargs, fusion_dropout=0.6).train()
+    dropped = net.fusion.project[0](torch.ones(1000, 20))
+    assert 0.5 < float((dropped == 0).float().mean()) < 0.7
+    with pytest.raises(ValueError, match="fusion_dropout"):
+        MODELS[name](**kwargs, fusion_dropout=1.0)
+
+
 def test_a_stream_without_a_fusion_branch_is_refused():
     with pytest.raises(ValueError, match="fusion_dim"):
         MODELS["cnn_blstm_attn"](in_channels=1, n_features=16, n_emotions=4, functionals_dim=20)

@@ -36,6 +36,7 @@ class BlstmLocalAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        fusion_dropout: float | None = None,
         functionals_dim: int = 0,
     ) -> None:
         super().__init__()
@@ -48,7 +49,8 @@ class BlstmLocalAttn(nn.Module):
         self.blstm = BLSTM(width, lstm_hidden, lstm_layers, lstm_dropout)
         self.attention = AttentionPooling(self.blstm.output_size, hidden_dim=0)
         self.embedding_dim = self.attention.output_dim
-        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout)
+        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout,
+                                    fusion_dropout)
         self.heads = EmotionHeads(
             self.embedding_dim + fusion_dim,
             n_emotions,

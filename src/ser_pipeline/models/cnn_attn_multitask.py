@@ -47,6 +47,7 @@ class CnnAttnMultitask(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        fusion_dropout: float | None = None,
         functionals_dim: int = 0,
     ) -> None:
         super().__init__()
@@ -64,7 +65,8 @@ class CnnAttnMultitask(nn.Module):
         self.attention = AttentionPooling(channels[-1], attention_dim, heads=attention_heads)
         self.project = nn.Sequential(nn.Linear(self.attention.output_dim, embedding_dim), nn.ReLU())
         self.embedding_dim = embedding_dim
-        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout)
+        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout,
+                                    fusion_dropout)
         self.heads = EmotionHeads(
             embedding_dim + fusion_dim,
             n_emotions,

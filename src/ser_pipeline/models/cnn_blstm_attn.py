@@ -46,6 +46,7 @@ class CnnBlstmAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        fusion_dropout: float | None = None,
         functionals_dim: int = 0,
     ) -> None:
         super().__init__()
@@ -60,7 +61,8 @@ class CnnBlstmAttn(nn.Module):
         self.blstm = BLSTM(channels[-1] * freq, lstm_hidden, lstm_layers, lstm_dropout)
         self.attention = AttentionPooling(self.blstm.output_size, attention_dim)
         self.embedding_dim = self.attention.output_dim
-        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout)
+        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout,
+                                    fusion_dropout)
         self.heads = EmotionHeads(
             self.embedding_dim + fusion_dim,
             n_emotions,

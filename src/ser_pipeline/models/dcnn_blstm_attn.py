@@ -281,6 +281,7 @@ class DcnnBlstmAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        fusion_dropout: float | None = None,
         functionals_dim: int = 0,
     ) -> None:
         super().__init__()
@@ -304,7 +305,8 @@ class DcnnBlstmAttn(nn.Module):
             width = fc_dim
         self.fc = nn.Sequential(*fc)
         self.embedding_dim = width
-        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout)
+        self.fusion = fusion_branch(in_channels * n_features, fusion_dim, functionals_dim, dropout,
+                                    fusion_dropout)
         self.heads = EmotionHeads(
             width + fusion_dim,
             n_emotions,

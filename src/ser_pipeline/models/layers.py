@@ -255,16 +255,24 @@ class VectorBranch(nn.Module):
 
 
 def fusion_branch(n_rows: int, fusion_dim: int, functionals_dim: int,
-                  dropout: float) -> nn.Module | None:
+                  dropout: float, fusion_dropout: float | None = None) -> nn.Module | None:
     """A model's fusion branch: none (``fusion_dim=0``), on the data's utterance vectors
-    (``functionals_dim > 0``) or on functionals of the model's own input rows."""
+    (``functionals_dim > 0``) or on functionals of the model's own input rows.
+
+    ``fusion_dropout`` is the dropout on the branch's input (``model.net.fusion_dropout``;
+    ``None``: the model's ``dropout``): its projection is the largest layer of a model fed
+    6,373 ComParE functionals, so it is the one a few hundred utterances overfit first.
+    """
     if not fusion_dim:
         if functionals_dim:
             raise ValueError("a functionals stream needs model.net.fusion_dim > 0 to be used")
         return None
+    rate = dropout if fusion_dropout is None else float(fusion_dropout)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"model.net.fusion_dropout must be in [0, 1), not {fusion_dropout!r}")
     if functionals_dim:
-        return VectorBranch(functionals_dim, fusion_dim, dropout)
-    return FunctionalsBranch(n_rows, fusion_dim, dropout)
+        return VectorBranch(functionals_dim, fusion_dim, rate)
+    return FunctionalsBranch(n_rows, fusion_dim, rate)
 
 
 def fuse(embedding: torch.Tensor, branch: nn.Module | None, features: torch.Tensor,

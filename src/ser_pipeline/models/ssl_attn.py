@@ -53,6 +53,7 @@ class SslAttn(nn.Module):
         head_hidden: int = 128,
         dropout: float = 0.3,
         fusion_dim: int = 0,
+        fusion_dropout: float | None = None,
         functionals_dim: int = 0,
         encoder: dict[str, Any] | None = None,
     ) -> None:
@@ -66,7 +67,8 @@ class SslAttn(nn.Module):
                                         nn.Dropout(dropout))
         self.attention = AttentionPooling(projection_dim, attention_dim)
         self.embedding_dim = self.attention.output_dim
-        self.fusion = fusion_branch(n_features, fusion_dim, functionals_dim, dropout)
+        self.fusion = fusion_branch(n_features, fusion_dim, functionals_dim, dropout,
+                                    fusion_dropout)
         self.heads = EmotionHeads(self.embedding_dim + fusion_dim, n_emotions, n_genders, n_dims, n_domains,
                                   domain_adversarial, dropout, hidden_dim=head_hidden)
 
