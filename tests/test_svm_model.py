@@ -29,6 +29,7 @@ from ser_pipeline.classic import (
     GAMMA_SCALES,
     SVMClassifier,
     fit_svm,
+    fit_temperature,
     fit_with_inner_folds,
     fit_with_validation_grid,
     functionals,
@@ -179,6 +180,61 @@ def test_inner_fold_choice_scores_pooled_held_out_predictions_and_fits_all_rows(
     assert label_scores(y, by_hand)["uar"] == pytest.approx(chosen["val_uar"])
 
 
+# -- calibrated scores ---------------------------------------------------------------------------
+
+def _nll(votes: np.ndarray, truth: np.ndarray, temperature: float) -> float:
+    log_p = torch.from_numpy(votes / temperature).log_softmax(-1).numpy()
+    return float(-log_p[np.arange(len(truth)), truth].mean())
+
+
+def test_held_out_votes_equal_the_stored_arrays_votes():
+    for n_classes in (2, 4):
+        x, y = overlapping_classes(n_classes)
+        fitted = fit_svm(x[:160], y[:160], c=1.0, gamma_scale=1.0)
+        net, _ = SVMClassifier.from_fitted(fitted, n_emotions=n_classes + 1, summary="vector")
+        np.testing.assert_array_equal(fitted.votes(x[160:], n_classes + 1),
+                                      net.votes(torch.from_numpy(x[160:])).numpy())
+
+
+def test_temperature_minimises_the_held_out_nll_and_keeps_every_prediction():
+    x, y = overlapping_classes(6, rows=480)
+    fitted = fit_svm(x[:240], y[:240], c=1.0, gamma_scale=1.0)
+    votes = fitted.votes(x[240:], 6)
+    temperature = fit_temperature(votes, y[240:])
+    assert abs(np.log(temperature)) > 0.1  # the raw counts' softmax is not calibrated
+    best = _nll(votes, y[240:], temperature)
+    for other in (1.0, temperature * 0.8, temperature * 1.25):
+        assert best < _nll(votes, y[240:], other)
+    plain, _ = SVMClassifier.from_fitted(fitted, 6, "vector")
+    calibrated, kwargs = SVMClassifier.from_fitted(fitted, 6, "vector", temperature)
+    assert kwargs["temperature"] == temperature
+    features = torch.from_numpy(x[240:, None, :, None]).float()
+    lengths = torch.ones(len(features), dtype=torch.long)
+    raw = plain(features, lengths)["emotion"]
+    scaled = calibrated(features, lengths)["emotion"]
+    torch.testing.assert_close(scaled, raw / temperature)
+    assert torch.equal(scaled.argmax(-1), raw.argmax(-1))  # ties included: same order
+    with pytest.raises(ValueError, match="temperature"):
+        SVMClassifier(**{**kwargs, "temperature": 0.0})
+
+
+def test_temperature_ignores_rows_of_a_class_without_votes():
+    votes = np.array([[2.0, -np.inf, 0.0], [0.0, -np.inf, 2.0], [1.0, -np.inf, 1.0]])
+    assert fit_temperature(votes, np.array([0, 2, 1])) == pytest.approx(
+        fit_temperature(votes[:2], np.array([0, 2])))
+    assert fit_temperature(votes[2:], np.array([1])) == 1.0
+
+
+def test_selection_returns_the_held_out_votes_it_was_judged_on():
+    x, y = overlapping_classes(3, rows=180)
+    fitted, chosen = fit_with_validation_grid(x[:90], y[:90], x[90:120], y[90:120], refit=False)
+    np.testing.assert_array_equal(chosen["val_votes"], fitted.votes(x[90:120], 3))
+    np.testing.assert_array_equal(chosen["val_votes"].argmax(1), chosen["val_predicted"])
+    groups = np.arange(180) % 6
+    _, inner = fit_with_inner_folds(x, y, groups, c_grid=(1.0,), gamma_scales=(1.0,))
+    np.testing.assert_array_equal(inner["val_votes"].argmax(1), inner["val_predicted"])
+
+
 def test_model_config_uses_lld_functionals_by_default_and_the_reference_grid(tmp_path):
     from bench.common import compose_train_config
 
@@ -210,6 +266,7 @@ def test_run_logs_params_metrics_tags_and_confusion_matrices(trained):
     for metric in ("val/uar", "test/uar", "test/wa", "test/f1", "test/recall_anger"):
         assert metric in run.data.metrics, metric
     assert run.data.params["model.name"] == "svm" and "svm.C_chosen" in run.data.params
+    assert float(run.data.params["svm.temperature"]) > 0  # model.calibration=temperature
     assert run.data.tags["model"] == "svm" and run.data.tags["speaker_independent"] == "true"
     names = {a.path for a in client.list_artifacts(run.info.run_id, "confusion")}
     assert names == {"confusion/test.png", "confusion/test.json",

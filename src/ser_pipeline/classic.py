@@ -16,8 +16,10 @@ intercepts, gamma, the z-scoring statistics): libsvm's one-vs-one decision value
 reimplemented in torch, so a model directory is YAML + safetensors and serving needs no
 scikit-learn. It keeps the networks' call contract (``net(features, lengths) -> {"emotion",
 "gender", "vad", "embedding"}``), so ``Predictor`` serves it unchanged: the emotion "logits"
-are the one-vs-one vote counts, ``Predictor``'s softmax of them gives the scores, and its
-choice (the first class among equal votes) is libsvm's prediction.
+are the one-vs-one vote counts divided by a temperature fitted on held-out votes
+(``model.calibration=temperature``: the validation speakers' votes, or the inner folds'), so
+``Predictor``'s softmax of them gives calibrated scores, and its choice (the first class among
+equal votes) is libsvm's prediction.
 
 :func:`train_svm` is what ``training.train`` runs for an svm model config: fit, test, and the
 MLflow record of a deep model (params, metrics, confusion matrices, pyfunc model, registry).
@@ -42,6 +44,7 @@ from ser_pipeline.models.svm import (  # noqa: F401  (re-exported for bench and 
     FUNCTIONALS,
     SUMMARIES,
     SVMClassifier,
+    fit_temperature,
     functionals,
     ovo_decision_values,
     ovo_votes,
@@ -90,6 +93,18 @@ class FittedSVM:
         """scikit-learn's prediction for ``(rows, n_inputs)`` unstandardised vectors."""
         return self.svc.predict(self.standardise(x))
 
+    def votes(self, x: np.ndarray, n_classes: int) -> np.ndarray:
+        """``(rows, n_classes)`` one-vs-one vote counts (``-inf`` for a class it never saw):
+        what :class:`SVMClassifier` computes from the stored arrays."""
+        decision = self.svc.decision_function(self.standardise(x))
+        if decision.ndim == 1:  # two classes: scikit-learn's sign is positive for the second
+            decision = -decision[:, None]
+        counts = ovo_votes(torch.from_numpy(np.asarray(decision, dtype=np.float64)),
+                           len(self.svc.classes_)).numpy()
+        votes = np.full((len(counts), n_classes), -np.inf)
+        votes[:, np.asarray(self.svc.classes_, dtype=int)] = counts
+        return votes
+
 
 def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float,
             class_weight: str | None = "balanced") -> FittedSVM:
@@ -99,7 +114,8 @@ def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float,
     x = np.asarray(x, dtype=np.float64)
     mean, std = x.mean(0), x.std(0)
     std = np.where(std > 1e-8, std, 1.0)  # a constant input is left as is
-    svc = SVC(C=c, kernel="rbf", gamma=gamma_scale / x.shape[1], class_weight=class_weight)
+    svc = SVC(C=c, kernel="rbf", gamma=gamma_scale / x.shape[1], class_weight=class_weight,
+              decision_function_shape="ovo")
     return FittedSVM(mean, std, svc.fit((x - mean) / std, y), float(c), float(gamma_scale))
 
 
@@ -115,8 +131,8 @@ def fit_with_validation_grid(
     rows, then the validation rows; ``refit=False`` returns the chosen grid point's fit on the
     training rows instead, so the validation speakers stay unseen (an ensemble can then be
     judged on them, ``bench/ensemble.py --part val``). Returns the model and ``{"C",
-    "gamma_scale", "val_uar", "val_predicted" (of the chosen grid point), "refit", "grid":
-    [{"C", "gamma_scale", "val_uar"}, ...]}``.
+    "gamma_scale", "val_uar", "val_predicted", "val_votes" (of the chosen grid point's
+    training-only fit), "refit", "grid": [{"C", "gamma_scale", "val_uar"}, ...]}``.
     """
     tried = []
     for c, gamma_scale in itertools.product(c_grid, gamma_scales):
@@ -125,12 +141,15 @@ def fit_with_validation_grid(
         tried.append((label_scores(y_val, predicted)["uar"], -c, -gamma_scale, predicted, fitted))
     val_uar, neg_c, neg_gamma, val_predicted, fitted = max(tried, key=lambda t: t[:3])
     c, gamma_scale = -neg_c, -neg_gamma
+    n_classes = int(max(np.max(y_train), np.max(y_val))) + 1
+    val_votes = fitted.votes(x_val, n_classes)
     if refit:
         fitted = fit_svm(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]),
                          c, gamma_scale, class_weight)
     grid = [{"C": -t[1], "gamma_scale": -t[2], "val_uar": t[0]} for t in tried]
     return fitted, {"C": c, "gamma_scale": gamma_scale, "val_uar": val_uar,
-                    "val_predicted": val_predicted, "refit": bool(refit), "grid": grid}
+                    "val_predicted": val_predicted, "val_votes": val_votes,
+                    "refit": bool(refit), "grid": grid}
 
 
 def speaker_folds(groups: np.ndarray, max_folds: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -159,22 +178,26 @@ def fit_with_inner_folds(
     every training speaker in turn, rather than on one or two validation speakers, makes the
     choice much less noisy; the price is ``folds x grid`` fits. Ties as in
     :func:`fit_with_validation_grid`; the returned dict has the same keys, with ``val_uar``
-    the inner folds' UAR and ``val_truth`` / ``val_predicted`` their rows.
+    the inner folds' UAR and ``val_truth`` / ``val_predicted`` / ``val_votes`` their rows.
     """
     splits = speaker_folds(np.asarray(groups), max_folds)
+    n_classes = int(np.max(y)) + 1
     tried = []
     for c, gamma_scale in itertools.product(c_grid, gamma_scales):
         predicted = np.empty_like(y)
+        votes = np.empty((len(y), n_classes))
         for fit_rows, held_out in splits:
-            predicted[held_out] = fit_svm(x[fit_rows], y[fit_rows], c, gamma_scale,
-                                          class_weight).predict(x[held_out])
-        tried.append((label_scores(y, predicted)["uar"], -c, -gamma_scale, predicted))
-    val_uar, neg_c, neg_gamma, val_predicted = max(tried, key=lambda t: t[:3])
+            fold_fit = fit_svm(x[fit_rows], y[fit_rows], c, gamma_scale, class_weight)
+            predicted[held_out] = fold_fit.predict(x[held_out])
+            votes[held_out] = fold_fit.votes(x[held_out], n_classes)
+        tried.append((label_scores(y, predicted)["uar"], -c, -gamma_scale, predicted, votes))
+    val_uar, neg_c, neg_gamma, val_predicted, val_votes = max(tried, key=lambda t: t[:3])
     c, gamma_scale = -neg_c, -neg_gamma
     grid = [{"C": -t[1], "gamma_scale": -t[2], "val_uar": t[0]} for t in tried]
     return fit_svm(x, y, c, gamma_scale, class_weight), {
         "C": c, "gamma_scale": gamma_scale, "val_uar": val_uar, "val_truth": y,
-        "val_predicted": val_predicted, "refit": True, "inner_folds": len(splits),
+        "val_predicted": val_predicted, "val_votes": val_votes, "refit": True,
+        "inner_folds": len(splits),
         "grid": grid}
 
 
@@ -225,11 +248,20 @@ def fit_and_test(cfg: Any, datamodule: Any) -> dict[str, Any]:
         selection["val_truth"] = y["val"]
     else:
         raise ValueError(f"model.selection must be validation or inner_folds, not {selection_by!r}")
-    net, kwargs = SVMClassifier.from_fitted(fitted, len(datamodule.classes), summary)
+    calibration = str(settings.get("calibration", "none"))
+    if calibration == "temperature":  # fitted on votes of speakers the chosen fit never saw
+        selection["temperature"] = fit_temperature(selection["val_votes"], selection["val_truth"])
+    elif calibration == "none":
+        selection["temperature"] = 1.0
+    else:
+        raise ValueError(f"model.calibration must be temperature or none, not {calibration!r}")
+    net, kwargs = SVMClassifier.from_fitted(fitted, len(datamodule.classes), summary,
+                                            selection["temperature"])
     n_classes = len(datamodule.classes)
     log.info("svm: C=%g, gamma=%g/%d (validation UAR %.4f), %d support vectors, %s of %d "
-             "inputs", selection["C"], selection["gamma_scale"], kwargs["n_inputs"],
-             selection["val_uar"], sum(kwargs["n_support"]), summary, kwargs["n_inputs"])
+             "inputs, score temperature %.3g", selection["C"], selection["gamma_scale"],
+             kwargs["n_inputs"], selection["val_uar"], sum(kwargs["n_support"]), summary,
+             kwargs["n_inputs"], selection["temperature"])
     result: dict[str, Any] = {
         "run_id": None, "best_checkpoint": None, "best_val_uar": selection["val_uar"],
         "epochs": 0, "selection": selection, "kwargs": kwargs}
@@ -299,7 +331,8 @@ def _log_results(cfg: Any, datamodule: Any, result: dict[str, Any], output_dir: 
                        "svm.n_inputs": kwargs["n_inputs"], "svm.refit": selection["refit"],
                        "svm.selection": "inner_folds" if "inner_folds" in selection
                        else "validation",
-                       "svm.support_vectors": sum(kwargs["n_support"])})
+                       "svm.support_vectors": sum(kwargs["n_support"]),
+                       "svm.temperature": selection["temperature"]})
     for step, point in enumerate(selection["grid"]):
         mlflow.log_metric("val/uar_grid", point["val_uar"], step=step)
     mlflow.log_text(json.dumps(selection["grid"], indent=1), "svm/grid.json")
@@ -328,6 +361,7 @@ def _log_results(cfg: Any, datamodule: Any, result: dict[str, Any], output_dir: 
                  "test_metrics": result.get("test", {}),
                  "svm": {"C": selection["C"], "gamma_scale": selection["gamma_scale"],
                          "val_uar": selection["val_uar"],
+                         "temperature": selection["temperature"],
                          # the validation speakers are in its training rows (bench/ensemble.py
                          # --part val refuses such a member)
                          "refit": selection["refit"]}},

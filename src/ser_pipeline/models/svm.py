@@ -99,12 +99,49 @@ def ovo_votes(decision_values: torch.Tensor, n_classes: int) -> torch.Tensor:
     return votes
 
 
+def fit_temperature(votes: np.ndarray, truth: np.ndarray,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The ``T`` that minimises the negative log-likelihood of ``softmax(votes / T)``.
+
+    ``votes`` ``(rows, n_classes)`` of utterances the SVM was *not* fitted on (held-out
+    validation speakers or inner folds; ``-inf`` for a class it never saw), ``truth`` their
+    class indices. Temperature scaling (Guo et al., 2017) keeps the arg-max, so predictions
+    and UAR are unchanged; it only makes the scores mean what they say, which is what an
+    ensemble averages and what ``eval.py``'s reliability diagram checks. Rows whose class
+    has no votes are left out; with none left, 1.0. (scipy's bounded scalar search on log T:
+    one parameter needs no optimiser library of its own.)
+    """
+    from scipy.optimize import minimize_scalar
+
+    votes = np.asarray(votes, dtype=np.float64)
+    truth = np.asarray(truth, dtype=int)
+    if not len(truth):
+        return 1.0
+    usable = np.isfinite(votes[np.arange(len(truth)), truth])
+    if not usable.any():
+        return 1.0
+    votes, truth = votes[usable], truth[usable]
+
+    def nll(log_t: float) -> float:
+        logits = np.where(np.isfinite(votes), votes / np.exp(log_t), -np.inf)
+        top = logits.max(1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(1))
+        return float((log_norm - logits[np.arange(len(truth)), truth]).mean())
+
+    best = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])),
+                           method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(best.x))
+
+
 class SVMClassifier(nn.Module):
     """A fitted RBF SVM on utterance vectors, with a network's call contract.
 
     ``forward(features (batch, channels, n_features, frames), lengths (batch,))`` -> dict:
-    ``emotion`` ``(batch, n_emotions)`` one-vs-one vote counts (``-inf`` for a class the SVM
-    never saw), ``gender`` ``(batch, n_genders)`` and ``vad`` ``(batch, n_dims)`` zeros (it
+    ``emotion`` ``(batch, n_emotions)`` one-vs-one vote counts divided by ``temperature``
+    (``-inf`` for a class the SVM never saw), so that their softmax is a calibrated
+    probability (the temperature is fitted on held-out votes, :func:`fit_temperature`; 1.0:
+    the softmax of the raw counts, whose confidence is an accident of the number of classes)
+    and their arg-max is libsvm's prediction, ``gender`` ``(batch, n_genders)`` and ``vad`` ``(batch, n_dims)`` zeros (it
     predicts neither: its model directory says ``has_gender: false``), ``embedding`` the
     z-scored utterance vectors. Every array is a float64 buffer, so the state dict is the
     model and nothing else is stored.
@@ -112,7 +149,7 @@ class SVMClassifier(nn.Module):
 
     def __init__(self, n_inputs: int, n_support: list[int], svm_classes: list[int],
                  n_emotions: int, gamma: float, summary: str = "functionals",
-                 n_genders: int = 2, n_dims: int = 3) -> None:
+                 n_genders: int = 2, n_dims: int = 3, temperature: float = 1.0) -> None:
         super().__init__()
         if summary not in ("functionals", "vector"):
             raise ValueError(f"summary must be 'functionals' or 'vector', not {summary!r}")
@@ -122,7 +159,10 @@ class SVMClassifier(nn.Module):
             raise ValueError(f"svm_classes must index the {n_emotions} emotion classes")
         self.n_inputs, self.n_support = int(n_inputs), [int(n) for n in n_support]
         self.svm_classes, self.n_emotions = [int(c) for c in svm_classes], int(n_emotions)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, not {temperature!r}")
         self.gamma, self.summary = float(gamma), summary
+        self.temperature = float(temperature)
         self.n_genders, self.n_dims = n_genders, n_dims
         n_sv, k = sum(self.n_support), len(self.svm_classes)
         double = torch.float64
@@ -133,14 +173,15 @@ class SVMClassifier(nn.Module):
         self.register_buffer("intercept", torch.zeros(k * (k - 1) // 2, dtype=double))
 
     @classmethod
-    def from_fitted(cls, fitted: Any, n_emotions: int, summary: str
+    def from_fitted(cls, fitted: Any, n_emotions: int, summary: str, temperature: float = 1.0
                     ) -> tuple[SVMClassifier, dict[str, Any]]:
         """The arrays of ``fitted`` (trained on class indices) -> ``(model, its kwargs)``."""
         svc = fitted.svc
         kwargs = {"n_inputs": int(svc.support_vectors_.shape[1]),
                   "n_support": [int(n) for n in svc.n_support_],
                   "svm_classes": [int(c) for c in svc.classes_], "n_emotions": int(n_emotions),
-                  "gamma": float(svc._gamma), "summary": summary}
+                  "gamma": float(svc._gamma), "summary": summary,
+                  "temperature": float(temperature)}
         net = cls(**kwargs)
         arrays = {"input_mean": fitted.mean, "input_std": fitted.std,
                   "support_vectors": svc.support_vectors_,
@@ -173,7 +214,7 @@ class SVMClassifier(nn.Module):
             for i, n in enumerate(lengths)]))
         votes = self.votes(vectors)
         batch = features.shape[0]
-        return {"emotion": votes.float(),
+        return {"emotion": (votes / self.temperature).float(),
                 "gender": features.new_zeros((batch, self.n_genders)),
                 "vad": features.new_zeros((batch, self.n_dims)),
                 "embedding": ((vectors - self.input_mean) / self.input_std).float()}
