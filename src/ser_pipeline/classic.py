@@ -187,9 +187,11 @@ def fit_with_inner_folds(
         predicted = np.empty_like(y)
         votes = np.empty((len(y), n_classes))
         for fit_rows, held_out in splits:
-            fold_fit = fit_svm(x[fit_rows], y[fit_rows], c, gamma_scale, class_weight)
-            predicted[held_out] = fold_fit.predict(x[held_out])
-            votes[held_out] = fold_fit.votes(x[held_out], n_classes)
+            votes[held_out] = fit_svm(x[fit_rows], y[fit_rows], c, gamma_scale,
+                                      class_weight).votes(x[held_out], n_classes)
+            # the most votes, the first class among equals: libsvm's prediction, without a
+            # second pass over the kernel
+            predicted[held_out] = votes[held_out].argmax(1)
         tried.append((label_scores(y, predicted)["uar"], -c, -gamma_scale, predicted, votes))
     val_uar, neg_c, neg_gamma, val_predicted, val_votes = max(tried, key=lambda t: t[:3])
     c, gamma_scale = -neg_c, -neg_gamma

@@ -123,7 +123,7 @@ def fit_temperature(votes: np.ndarray, truth: np.ndarray,
     votes, truth = votes[usable], truth[usable]
 
     def nll(log_t: float) -> float:
-        logits = np.where(np.isfinite(votes), votes / np.exp(log_t), -np.inf)
+        logits = votes / np.exp(log_t)  # -inf (a class never seen) stays -inf
         top = logits.max(1, keepdims=True)
         log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(1))
         return float((log_norm - logits[np.arange(len(truth)), truth]).mean())
