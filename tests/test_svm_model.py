@@ -192,14 +192,14 @@ def test_held_out_votes_equal_the_stored_arrays_votes():
         x, y = overlapping_classes(n_classes)
         fitted = fit_svm(x[:160], y[:160], c=1.0, gamma_scale=1.0)
         net, _ = SVMClassifier.from_fitted(fitted, n_emotions=n_classes + 1, summary="vector")
-        np.testing.assert_array_equal(fitted.votes(x[160:], n_classes + 1),
+        np.testing.assert_array_equal(fitted.votes(x[160:], np.arange(n_classes + 1)),
                                       net.votes(torch.from_numpy(x[160:])).numpy())
 
 
 def test_temperature_minimises_the_held_out_nll_and_keeps_every_prediction():
     x, y = overlapping_classes(6, rows=480)
     fitted = fit_svm(x[:240], y[:240], c=1.0, gamma_scale=1.0)
-    votes = fitted.votes(x[240:], 6)
+    votes = fitted.votes(x[240:], np.arange(6))
     temperature = fit_temperature(votes, y[240:])
     assert abs(np.log(temperature)) > 0.1  # the raw counts' softmax is not calibrated
     best = _nll(votes, y[240:], temperature)
@@ -228,11 +228,25 @@ def test_temperature_ignores_rows_of_a_class_without_votes():
 def test_selection_returns_the_held_out_votes_it_was_judged_on():
     x, y = overlapping_classes(3, rows=180)
     fitted, chosen = fit_with_validation_grid(x[:90], y[:90], x[90:120], y[90:120], refit=False)
-    np.testing.assert_array_equal(chosen["val_votes"], fitted.votes(x[90:120], 3))
+    np.testing.assert_array_equal(chosen["val_votes"], fitted.votes(x[90:120], np.arange(3)))
     np.testing.assert_array_equal(chosen["val_votes"].argmax(1), chosen["val_predicted"])
     groups = np.arange(180) % 6
     _, inner = fit_with_inner_folds(x, y, groups, c_grid=(1.0,), gamma_scales=(1.0,))
     np.testing.assert_array_equal(inner["val_votes"].argmax(1), inner["val_predicted"])
+
+
+def test_selection_takes_named_labels_as_bench_baseline_passes_them():
+    x, y = overlapping_classes(3, rows=180)
+    names = np.array(["anger", "neutral", "sadness"], dtype=object)[y]
+    fitted, chosen = fit_with_validation_grid(x[:90], names[:90], x[90:120], names[90:120])
+    assert set(chosen["val_predicted"]) <= set(names)
+    assert chosen["val_votes"].shape == (30, 3)
+    _, inner = fit_with_inner_folds(x, names, np.arange(180) % 6, c_grid=(1.0,),
+                                    gamma_scales=(1.0,))
+    _, by_index = fit_with_inner_folds(x, y, np.arange(180) % 6, c_grid=(1.0,),
+                                       gamma_scales=(1.0,))
+    np.testing.assert_array_equal(inner["val_predicted"],
+                                  np.array(["anger", "neutral", "sadness"])[by_index["val_predicted"]])
 
 
 def test_model_config_uses_lld_functionals_by_default_and_the_reference_grid(tmp_path):

@@ -93,16 +93,17 @@ class FittedSVM:
         """scikit-learn's prediction for ``(rows, n_inputs)`` unstandardised vectors."""
         return self.svc.predict(self.standardise(x))
 
-    def votes(self, x: np.ndarray, n_classes: int) -> np.ndarray:
-        """``(rows, n_classes)`` one-vs-one vote counts (``-inf`` for a class it never saw):
-        what :class:`SVMClassifier` computes from the stored arrays."""
+    def votes(self, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """``(rows, len(classes))`` one-vs-one vote counts, a column per label of the sorted
+        ``classes`` (which hold every label it was fitted on; ``-inf`` for one it never saw):
+        with ``classes = arange(n)``, what :class:`SVMClassifier` computes from the arrays."""
         decision = self.svc.decision_function(self.standardise(x))
         if decision.ndim == 1:  # two classes: scikit-learn's sign is positive for the second
             decision = -decision[:, None]
         counts = ovo_votes(torch.from_numpy(np.asarray(decision, dtype=np.float64)),
                            len(self.svc.classes_)).numpy()
-        votes = np.full((len(counts), n_classes), -np.inf)
-        votes[:, np.asarray(self.svc.classes_, dtype=int)] = counts
+        votes = np.full((len(counts), len(classes)), -np.inf)
+        votes[:, np.searchsorted(classes, self.svc.classes_)] = counts
         return votes
 
 
@@ -122,7 +123,7 @@ def fit_svm(x: np.ndarray, y: np.ndarray, c: float, gamma_scale: float,
 def fit_with_validation_grid(
     x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
     c_grid: tuple[float, ...] = C_GRID, gamma_scales: tuple[float, ...] = GAMMA_SCALES,
-    class_weight: str | None = "balanced", refit: bool = True,
+    class_weight: str | None = "balanced", refit: bool = True, classes: np.ndarray | None = None,
 ) -> tuple[FittedSVM, dict[str, Any]]:
     """Choose ``(C, gamma)`` by validation UAR, then refit on training + validation rows.
 
@@ -132,7 +133,8 @@ def fit_with_validation_grid(
     training rows instead, so the validation speakers stay unseen (an ensemble can then be
     judged on them, ``bench/ensemble.py --part val``). Returns the model and ``{"C",
     "gamma_scale", "val_uar", "val_predicted", "val_votes" (of the chosen grid point's
-    training-only fit), "refit", "grid": [{"C", "gamma_scale", "val_uar"}, ...]}``.
+    training-only fit; a column per label of ``classes``, by default the sorted labels of the
+    rows), "refit", "grid": [{"C", "gamma_scale", "val_uar"}, ...]}``.
     """
     tried = []
     for c, gamma_scale in itertools.product(c_grid, gamma_scales):
@@ -141,8 +143,9 @@ def fit_with_validation_grid(
         tried.append((label_scores(y_val, predicted)["uar"], -c, -gamma_scale, predicted, fitted))
     val_uar, neg_c, neg_gamma, val_predicted, fitted = max(tried, key=lambda t: t[:3])
     c, gamma_scale = -neg_c, -neg_gamma
-    n_classes = int(max(np.max(y_train), np.max(y_val))) + 1
-    val_votes = fitted.votes(x_val, n_classes)
+    if classes is None:
+        classes = np.unique(np.concatenate([y_train, y_val]))
+    val_votes = fitted.votes(x_val, np.asarray(classes))
     if refit:
         fitted = fit_svm(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]),
                          c, gamma_scale, class_weight)
@@ -168,7 +171,7 @@ def speaker_folds(groups: np.ndarray, max_folds: int = 10) -> list[tuple[np.ndar
 def fit_with_inner_folds(
     x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     c_grid: tuple[float, ...] = C_GRID, gamma_scales: tuple[float, ...] = GAMMA_SCALES,
-    class_weight: str | None = "balanced", max_folds: int = 10,
+    class_weight: str | None = "balanced", max_folds: int = 10, classes: np.ndarray | None = None,
 ) -> tuple[FittedSVM, dict[str, Any]]:
     """Choose ``(C, gamma)`` by speaker-independent folds *within* the given rows, then fit
     on all of them.
@@ -178,20 +181,21 @@ def fit_with_inner_folds(
     every training speaker in turn, rather than on one or two validation speakers, makes the
     choice much less noisy; the price is ``folds x grid`` fits. Ties as in
     :func:`fit_with_validation_grid`; the returned dict has the same keys, with ``val_uar``
-    the inner folds' UAR and ``val_truth`` / ``val_predicted`` / ``val_votes`` their rows.
+    the inner folds' UAR and ``val_truth`` / ``val_predicted`` / ``val_votes`` their rows
+    (``classes`` as there).
     """
     splits = speaker_folds(np.asarray(groups), max_folds)
-    n_classes = int(np.max(y)) + 1
+    classes = np.unique(y) if classes is None else np.asarray(classes)
     tried = []
     for c, gamma_scale in itertools.product(c_grid, gamma_scales):
         predicted = np.empty_like(y)
-        votes = np.empty((len(y), n_classes))
+        votes = np.empty((len(y), len(classes)))
         for fit_rows, held_out in splits:
             votes[held_out] = fit_svm(x[fit_rows], y[fit_rows], c, gamma_scale,
-                                      class_weight).votes(x[held_out], n_classes)
+                                      class_weight).votes(x[held_out], classes)
             # the most votes, the first class among equals: libsvm's prediction, without a
             # second pass over the kernel
-            predicted[held_out] = votes[held_out].argmax(1)
+            predicted[held_out] = classes[votes[held_out].argmax(1)]
         tried.append((label_scores(y, predicted)["uar"], -c, -gamma_scale, predicted, votes))
     val_uar, neg_c, neg_gamma, val_predicted, val_votes = max(tried, key=lambda t: t[:3])
     c, gamma_scale = -neg_c, -neg_gamma
@@ -242,11 +246,11 @@ def fit_and_test(cfg: Any, datamodule: Any) -> dict[str, Any]:
         fitted, selection = fit_with_inner_folds(
             np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]]),
             np.array(speakers["train"] + speakers["val"]), *grid,
-            int(settings.get("inner_folds", 10)))
+            int(settings.get("inner_folds", 10)), np.arange(len(datamodule.classes)))
     elif selection_by == "validation":
         fitted, selection = fit_with_validation_grid(
             x["train"], y["train"], x["val"], y["val"], *grid,
-            bool(settings.get("refit", True)))
+            bool(settings.get("refit", True)), np.arange(len(datamodule.classes)))
         selection["val_truth"] = y["val"]
     else:
         raise ValueError(f"model.selection must be validation or inner_folds, not {selection_by!r}")
