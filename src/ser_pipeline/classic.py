@@ -240,12 +240,12 @@ def fit_and_test(cfg: Any, datamodule: Any) -> dict[str, Any]:
             settings.get("class_weight"))
     selection_by = str(settings.get("selection", "validation"))
     if selection_by == "inner_folds":  # every training and validation speaker held out in turn
-        speakers = {part: [f"{corpus}/{speaker}" for corpus, speaker in zip(
+        fitting = [part for part in ("train", "val") if part in sets]  # no val: a refit
+        speakers = [f"{corpus}/{speaker}" for part in fitting for corpus, speaker in zip(
             sets[part].rows["corpus"], sets[part].rows["speaker"].astype(str), strict=True)]
-            for part in ("train", "val")}
         fitted, selection = fit_with_inner_folds(
-            np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]]),
-            np.array(speakers["train"] + speakers["val"]), *grid,
+            np.concatenate([x[p] for p in fitting]), np.concatenate([y[p] for p in fitting]),
+            np.array(speakers), *grid,
             int(settings.get("inner_folds", 10)), np.arange(len(datamodule.classes)))
     elif selection_by == "validation":
         fitted, selection = fit_with_validation_grid(
@@ -312,8 +312,8 @@ def train_svm(cfg: Any, datamodule: Any, experiment_id: str | None = None,
         tracking.log_params(tracking.flatten_config(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
         mlflow.log_dict(summary, "data/summary.json")
-        mlflow.log_params({f"data.{part}_utterances": summary[part]["utterances"]
-                           for part in ("train", "val", "test")})
+        mlflow.log_params({f"data.{part}_utterances": summary.get(part, {}).get(
+            "utterances", 0) for part in ("train", "val", "test")})
         mlflow.log_param("data.skipped_files", len(datamodule.skipped))
         result = fit_and_test(cfg, datamodule)
         result["run_id"] = run.info.run_id

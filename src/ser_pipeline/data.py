@@ -273,6 +273,13 @@ class SERDataModule(pl.LightningDataModule):
         return self.extractor.sample_rate
 
     @property
+    def refit(self) -> bool:
+        """True for ``data.val_speakers=0``: every non-test speaker trains and nothing
+        validates (a fixed epoch budget, ``test_weights=last``: the deep models' refit)."""
+        return self.split_options["val_speakers"] == 0 and self.split_options["protocol"] in (
+            "loso", "ltso", "group_kfold")
+
+    @property
     def functionals_dim(self) -> int:
         """Length of the functionals stream's vectors (0 without one), after setup."""
         return 0 if self.functionals is None else self.functionals.n_inputs
@@ -328,6 +335,8 @@ class SERDataModule(pl.LightningDataModule):
             for d in self.domains
         }
         parts = {"train": self.split.train, "val": self.split.val, "test": self.split.test}
+        if self.refit:  # data.val_speakers=0: no validation part (its speakers train)
+            del parts["val"]
         rows = {p: self.manifest[self.manifest["id"].isin(ids)] for p, ids in parts.items()}
         for part, frame in rows.items():
             if frame.empty:
@@ -430,8 +439,9 @@ class SERDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        # no validation part (data.val_speakers=0): Lightning skips the validation loop
+        return self._loader("val") if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")

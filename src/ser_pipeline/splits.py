@@ -192,6 +192,8 @@ def make_split(
         test_speakers = sorted(manifest.loc[test_mask, "speaker"].unique().tolist())
 
     remaining = sorted(manifest.loc[~test_mask, "speaker"].unique().tolist())
+    if val_speakers < 0:
+        raise ValueError(f"data.val_speakers must be 0 or more, not {val_speakers}")
     if val_speakers >= len(remaining):
         raise ValueError(
             f"cannot hold out {val_speakers} validation speakers: only {len(remaining)} "

@@ -178,10 +178,13 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
                 OmegaConf.update(cfg, f"callbacks.{name}.dirpath", str(checkpoint_dir))
     stop = stop or StopOnSignal()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if datamodule.refit:  # nothing validates: drop what watches validation metrics
+        callbacks = [c for c in callbacks
+                     if not str(getattr(c, "monitor", None) or "").startswith("val/")]
     callbacks += [ReseedEachEpoch(cfg.seed), CheckpointOnInterrupt(str(checkpoint_dir)), stop,
                   *(extra_callbacks or [])]
 
-    trainer = build_trainer(cfg, callbacks)
+    trainer = build_trainer(cfg, callbacks, validate=not datamodule.refit)
     end_with_launcher(trainer)
     # Under DDP (trainer=ddp) this function runs once per rank: Lightning's launcher starts
     # ranks 1.. as copies of the command when rank 0 reaches fit, so rank 0 has filled the
@@ -209,8 +212,8 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
             mlflow.log_dict(summary, "data/summary.json")
             for path in record:
                 mlflow.log_artifact(str(path), "data")
-            mlflow.log_params({f"data.{part}_utterances": summary[part]["utterances"]
-                               for part in ("train", "val", "test")})
+            mlflow.log_params({f"data.{part}_utterances": summary.get(part, {}).get(
+                "utterances", 0) for part in ("train", "val", "test")})
             mlflow.log_param("data.skipped_files", len(datamodule.skipped))
             from pytorch_lightning.loggers import MLFlowLogger
 
@@ -240,21 +243,36 @@ def interactive() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def build_trainer(cfg: DictConfig, callbacks: list) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, callbacks: list, validate: bool = True) -> pl.Trainer:
     """``cfg.trainer`` with ``callbacks``, no logger yet (the MLflow run does not exist yet)
-    and atomic checkpoint writes; it knows its DDP rank (``trainer.global_rank``) at once."""
+    and atomic checkpoint writes; it knows its DDP rank (``trainer.global_rank``) at once.
+    ``validate=False`` (a refit, ``data.val_speakers=0``) runs no validation loop."""
     # a live bar only in a terminal: in CI logs or `> file` the module's one line per epoch
     # (epoch, val/uar, val/wa, val/loss) is the record, not thousands of carriage returns
     progress = bool(cfg.trainer.get("enable_progress_bar", True)) and interactive()
+    no_validation = {} if validate else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
     return instantiate(cfg.trainer, callbacks=callbacks, logger=False,
-                       plugins=[AtomicCheckpointIO()], enable_progress_bar=progress)
+                       plugins=[AtomicCheckpointIO()], enable_progress_bar=progress,
+                       **no_validation)
 
 
 def test_weights(cfg: DictConfig) -> str:
-    """``cfg.test_weights``: ``best`` or ``last`` (anything else is refused before training)."""
+    """``cfg.test_weights``: ``best`` or ``last`` (anything else is refused before training,
+    as is ``best`` for a refit, ``data.val_speakers=0``, which has no validation to choose on)."""
     weights = str(cfg.get("test_weights", "best"))
     if weights not in ("best", "last"):
         raise ValueError(f"test_weights must be 'best' or 'last', not {weights!r}")
+    if cfg.get("data") is not None and cfg.data.get("val_speakers") == 0:
+        if cfg.get("model") is not None and cfg.model.get("kind") == "svm":
+            if str(cfg.model.get("selection", "validation")) != "inner_folds":
+                raise ValueError("data.val_speakers=0 leaves model=svm no validation speakers "
+                                 "to choose C and gamma on: use model.selection=inner_folds "
+                                 "(or keep validation speakers; model.refit=true already "
+                                 "refits on them)")
+        elif weights != "last":
+            raise ValueError("data.val_speakers=0 (refit: every non-test speaker trains) leaves "
+                             "no validation speakers to choose the best epoch on: use "
+                             "test_weights=last with a fixed epoch budget")
     return weights
 
 
@@ -272,10 +290,11 @@ def _fit_and_test(cfg: DictConfig, datamodule: SERDataModule, module: SERModule,
     # weights), so the validation speakers choose nothing; best: the best-validation checkpoint
     weights = test_weights(cfg)
     tested = best if weights == "best" else ""
+    # the validation UAR of the weights that are tested and packaged (NaN: a refit, whose
+    # validation speakers trained, has none)
+    val_uar = module.best_val_uar if weights == "best" else module.last_val_uar
     result: dict[str, Any] = {"run_id": None, "best_checkpoint": best or None,
-                              # the validation UAR of the weights that are tested and packaged
-                              "best_val_uar": (module.best_val_uar if weights == "best"
-                                               else module.last_val_uar),
+                              "best_val_uar": float("nan") if datamodule.refit else val_uar,
                               "epochs": trainer.current_epoch}
     if cfg.get("test", True):
         with _sigterm_as_termination():
