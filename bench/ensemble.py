@@ -66,6 +66,9 @@ def evaluate_fold(model_dirs: list[Path], manifest: Any, part: str = "test") -> 
     speakers = [sorted(map(str, m.spec.info["split"][f"{part}_speakers"])) for m in members]
     if any(s != speakers[0] for s in speakers):
         raise SystemExit(f"the runs' folds hold different {part} speakers: {speakers}")
+    if part == "val" and not speakers[0]:
+        raise SystemExit("the fold models were refit (data.val_speakers=0): no validation "
+                         "speakers are left to judge them on")
     if part == "val" and any((m.spec.info.get("svm") or {}).get("refit", False) for m in members):
         raise SystemExit("an svm member was refit on its validation speakers, so it cannot be "
                          "judged on them: train it with model.refit=false")

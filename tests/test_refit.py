@@ -106,3 +106,10 @@ def test_an_svm_with_inner_folds_fits_every_non_test_speaker(tmp_path):
     # 4 speakers x 4 classes x 4 utterances: one speaker tested, the other three fitted on
     assert (params["data.train_utterances"], params["data.val_utterances"]) == ("48", "0")
     assert params["svm.selection"] == "inner_folds" and "test/uar" in run.data.metrics
+
+
+def test_a_study_on_validation_uar_refuses_a_refit(tmp_path):
+    done = run_script("tune.py", [*REFIT, "test_weights=last", "tune.n_trials=1"], tmp_path)
+    assert done.returncode != 0
+    assert "data.val_speakers=0" in done.stderr and "refit" in done.stderr
+    assert "[tune] trial" not in done.stdout  # refused before any trial ran

@@ -649,6 +649,10 @@ def tune(cfg: DictConfig) -> float:
                                      {p.key for p in params})
     base = compose_train(base_overrides)
     check_search_space(params, base, groups)
+    if settings.metric.startswith("val/") and base.data.get("val_speakers") == 0:
+        raise ValueError(f"tune.metric={settings.metric} chooses on validation speakers, but "
+                         "data.val_speakers=0 (a refit) holds none out: tune with validation "
+                         "speakers, then refit the chosen configuration")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     print("search space:\n" + "\n".join(f"  {p.name}: {p.describe()}" for p in params),
           flush=True)
