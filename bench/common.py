@@ -221,8 +221,11 @@ def _is_number(text: str) -> bool:
 
 
 def mean_std(mean: float, std: float, digits: int = 3) -> str:
-    """``0.812 ± 0.034``; a one-fold result (std NaN, see ``ser_pipeline.metrics``) has no ±."""
-    if std != std:  # NaN
+    """``0.812 ± 0.034``; a one-fold result (std NaN, see ``ser_pipeline.metrics``) has no ±;
+    no figure at all (mean NaN: a refit's validation UAR, ``data.val_speakers=0``) is ``-``."""
+    if mean != mean:  # NaN
+        return "-"
+    if std != std:
         return f"{mean:.{digits}f} (one fold)"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 

@@ -404,3 +404,11 @@ def test_kernel_time_runs_a_cross_validation_with_both_allocators_and_compares(m
     assert payload["identical_fold_metrics"] is True
     for row in payload["rows"].values():
         assert len(row["folds"]) == 2 and row["user_s"] > 0 and row["minor_faults"] > 0
+
+
+def test_mean_std_cells_for_one_fold_and_for_no_figure():
+    from bench.common import mean_std
+
+    assert mean_std(0.8123, 0.0341) == "0.812 ± 0.034"
+    assert mean_std(0.8123, float("nan")) == "0.812 (one fold)"
+    assert mean_std(float("nan"), float("nan")) == "-"  # a refit's validation UAR
