@@ -3,6 +3,7 @@ the last weights are tested; nothing validates, so nothing may pretend to choose
 
 from __future__ import annotations
 
+import csv
 import json
 
 import mlflow
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ser_pipeline.splits import make_split
+from ser_pipeline.splits import is_refit, make_split
 from tests.e2e import FAST, run_script, store_uri
 from tests.test_splits import manifest, speakers
 
@@ -23,6 +24,13 @@ def test_no_validation_speakers_puts_every_non_test_speaker_in_training(protocol
     test = speakers(frame, split.test)
     assert speakers(frame, split.train) == set(frame["speaker"]) - test
     assert len(split.train) + len(split.test) == len(frame)
+
+
+def test_only_a_speaker_protocol_without_validation_speakers_is_a_refit():
+    assert all(is_refit(protocol, 0) for protocol in ("loso", "ltso", "group_kfold"))
+    assert not is_refit("loso", 1)
+    # random and predefined splits validate on val_fraction / the manifest, whatever val_speakers
+    assert not is_refit("random", 0) and not is_refit("predefined", 0)
 
 
 def test_a_negative_number_of_validation_speakers_is_refused():
@@ -41,9 +49,8 @@ def test_a_refit_trains_on_every_non_test_speaker_and_packages_the_last_epoch(tm
     split = json.loads((out / "split.json").read_text())
     assert split["val"] == [] and split["val_speakers"] == []
     # 4 synthetic speakers, one tested: the other three train
-    run_manifest = (out / "manifest.csv").read_text().splitlines()
-    header = run_manifest[0].split(",")
-    parts = [dict(zip(header, line.split(","), strict=False)) for line in run_manifest[1:]]
+    with (out / "manifest.csv").open(newline="") as table:
+        parts = list(csv.DictReader(table))
     assert len({p["speaker"] for p in parts if p["part"] == "train"}) == 3
     assert {p["part"] for p in parts} == {"train", "test"}
     # no best-validation checkpoint exists; the packaged weights are the last epoch's

@@ -312,8 +312,8 @@ def train_svm(cfg: Any, datamodule: Any, experiment_id: str | None = None,
         tracking.log_params(tracking.flatten_config(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/train.yaml")
         mlflow.log_dict(summary, "data/summary.json")
-        mlflow.log_params({f"data.{part}_utterances": summary.get(part, {}).get(
-            "utterances", 0) for part in ("train", "val", "test")})
+        mlflow.log_params({f"data.{part}_utterances": n
+                           for part, n in datamodule.part_utterances().items()})
         mlflow.log_param("data.skipped_files", len(datamodule.skipped))
         result = fit_and_test(cfg, datamodule)
         result["run_id"] = run.info.run_id

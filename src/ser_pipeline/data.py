@@ -51,7 +51,7 @@ from ser_pipeline.features.batching import (
 from ser_pipeline.features.cache import FeatureCache, extract_features
 from ser_pipeline.features.functionals import FunctionalsStream
 from ser_pipeline.files import atomic_write_text
-from ser_pipeline.splits import Split, make_split
+from ser_pipeline.splits import Split, is_refit, make_split
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +274,13 @@ class SERDataModule(pl.LightningDataModule):
 
     @property
     def refit(self) -> bool:
-        """True for ``data.val_speakers=0``: every non-test speaker trains and nothing
-        validates (a fixed epoch budget, ``test_weights=last``: the deep models' refit)."""
-        return self.split_options["val_speakers"] == 0 and self.split_options["protocol"] in (
-            "loso", "ltso", "group_kfold")
+        """No validation part: every non-test speaker trains (:func:`splits.is_refit`)."""
+        return is_refit(self.split_options["protocol"], self.split_options["val_speakers"])
+
+    def part_utterances(self) -> dict[str, int]:
+        """Utterances per part after setup (``val`` 0 for a refit), as the runs log them."""
+        return {part: len(self.datasets[part]) if part in self.datasets else 0
+                for part in ("train", "val", "test")}
 
     @property
     def functionals_dim(self) -> int:

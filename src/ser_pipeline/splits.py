@@ -27,6 +27,8 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, train_test_split
 
 PROTOCOLS = ("loso", "ltso", "group_kfold", "predefined", "random")
+#: the protocols whose validation part is ``val_speakers`` whole speakers
+SPEAKER_PROTOCOLS = ("loso", "ltso", "group_kfold")
 #: the parts a ``predefined`` split reads from the manifest's ``split`` column
 PREDEFINED_PARTS = ("train", "val", "test")
 
@@ -82,6 +84,12 @@ def _paired_speakers(manifest: pd.DataFrame) -> list[tuple[str, str]]:
             f"(found {len(males)} male, {len(females)} female)"
         )
     return list(zip(males, females, strict=True))
+
+
+def is_refit(protocol: str, val_speakers: int) -> bool:
+    """True for a speaker protocol with ``val_speakers=0``: every non-test speaker trains and
+    nothing validates (a fixed epoch budget, ``test_weights=last``: the deep models' refit)."""
+    return val_speakers == 0 and protocol in SPEAKER_PROTOCOLS
 
 
 def _pick_val_speakers(

@@ -39,6 +39,7 @@ from ser_pipeline.corpora.manifest import DIMENSIONS, GENDERS
 from ser_pipeline.data import SERDataModule
 from ser_pipeline.metrics import label_scores
 from ser_pipeline.module import SERModule
+from ser_pipeline.splits import is_refit
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,8 @@ def train(cfg: DictConfig, parent_run_id: str | None = None,
             mlflow.log_dict(summary, "data/summary.json")
             for path in record:
                 mlflow.log_artifact(str(path), "data")
-            mlflow.log_params({f"data.{part}_utterances": summary.get(part, {}).get(
-                "utterances", 0) for part in ("train", "val", "test")})
+            mlflow.log_params({f"data.{part}_utterances": n
+                               for part, n in datamodule.part_utterances().items()})
             mlflow.log_param("data.skipped_files", len(datamodule.skipped))
             from pytorch_lightning.loggers import MLFlowLogger
 
@@ -262,7 +263,8 @@ def test_weights(cfg: DictConfig) -> str:
     weights = str(cfg.get("test_weights", "best"))
     if weights not in ("best", "last"):
         raise ValueError(f"test_weights must be 'best' or 'last', not {weights!r}")
-    if cfg.get("data") is not None and cfg.data.get("val_speakers") == 0:
+    data = cfg.get("data")
+    if data is not None and is_refit(str(data.get("split", "loso")), data.get("val_speakers", 1)):
         if cfg.get("model") is not None and cfg.model.get("kind") == "svm":
             if str(cfg.model.get("selection", "validation")) != "inner_folds":
                 raise ValueError("data.val_speakers=0 leaves model=svm no validation speakers "

@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from ser_pipeline import tracking
 from ser_pipeline.allocator import keep_freed_memory
 from ser_pipeline.files import atomic_write_text
+from ser_pipeline.splits import is_refit
 
 log = logging.getLogger(__name__)
 
@@ -649,7 +650,8 @@ def tune(cfg: DictConfig) -> float:
                                      {p.key for p in params})
     base = compose_train(base_overrides)
     check_search_space(params, base, groups)
-    if settings.metric.startswith("val/") and base.data.get("val_speakers") == 0:
+    if settings.metric.startswith("val/") and is_refit(str(base.data.split),
+                                                        base.data.val_speakers):
         raise ValueError(f"tune.metric={settings.metric} chooses on validation speakers, but "
                          "data.val_speakers=0 (a refit) holds none out: tune with validation "
                          "speakers, then refit the chosen configuration")
